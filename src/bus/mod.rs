@@ -1,0 +1,256 @@
+//! Buses: one owner task per bus serialises all traffic on it, schedules device polls, backs off
+//! devices that stopped answering, and hands derived events to the store writer.
+
+pub mod link;
+
+use crate::config::{Bus, Config, Device, Profile};
+use crate::device::derive::{Deriver, Snapshot};
+use crate::device::{Raw, ReadPlan};
+use crate::store::{Derived, Store, WriterHandle};
+use link::{Link, TxError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What `status` shows about one device.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DeviceHealth {
+    /// Bus name.
+    pub bus: String,
+    /// Whether the last poll succeeded.
+    pub online: bool,
+    /// Unix ms of the last successful poll.
+    pub last_ok_ms: u64,
+    /// Successful polls since start.
+    pub polls: u64,
+    /// Failed polls since start.
+    pub failures: u64,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// Duration of the last poll in ms.
+    pub latency_ms: f64,
+}
+
+/// Shared view of all devices' health (status, health gate of remote config).
+pub type Health = Arc<Mutex<BTreeMap<String, DeviceHealth>>>;
+
+struct Dev {
+    cfg: Device,
+    profile: Arc<Profile>,
+    plan: ReadPlan,
+    deriver: Deriver,
+    next_due: Instant,
+    failures_in_row: u32,
+}
+
+/// The owner task of one bus.
+pub struct BusTask {
+    cfg: Bus,
+    link: Link,
+    devices: Vec<Dev>,
+    writer: WriterHandle,
+    health: Health,
+}
+
+impl std::fmt::Debug for BusTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusTask").field("bus", &self.cfg.name).finish()
+    }
+}
+
+/// Problems building a bus task.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A profile cannot be read in valid Modbus transactions.
+    #[error("device {device}: cannot plan reads: {error}")]
+    Plan {
+        /// Device.
+        device: String,
+        /// Cause.
+        error: crate::device::plan::PlanError,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl BusTask {
+    /// Builds the task for `bus`, restoring each device's last committed snapshot.
+    pub fn new(config: &Config, bus: &Bus, store: &Store, writer: WriterHandle, health: Health) -> Result<BusTask, BusError> {
+        let mut devices = Vec::new();
+        let start = Instant::now();
+        for (i, d) in config.devices.iter().filter(|d| d.bus == bus.name).enumerate() {
+            let Some(profile) = config.profile_of(d).cloned() else { continue };
+            let plan = ReadPlan::new(&profile, bus.max_gap).map_err(|error| BusError::Plan {
+                device: d.name.clone(),
+                error,
+            })?;
+            let snap: Option<Snapshot> = store
+                .snapshot(&d.name)?
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let deriver = Deriver::new(&d.name, profile.clone(), snap);
+            // Spread the first polls so that devices with one period do not all fire at once.
+            let next_due = start + Duration::from_millis(i as u64 * 5);
+            devices.push(Dev {
+                cfg: d.clone(),
+                profile,
+                plan,
+                deriver,
+                next_due,
+                failures_in_row: 0,
+            });
+            let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+            h.insert(d.name.clone(), DeviceHealth { bus: bus.name.clone(), ..Default::default() });
+        }
+        Ok(BusTask {
+            cfg: bus.clone(),
+            link: Link::new(bus),
+            devices,
+            writer,
+            health,
+        })
+    }
+
+    /// Polls devices until shutdown.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        if self.devices.is_empty() {
+            return;
+        }
+        loop {
+            let (i, due) = self
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (i, d.next_due))
+                .min_by_key(|&(_, due)| due)
+                .unwrap_or((0, Instant::now()));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            if !self.poll(i, &shutdown).await {
+                break;
+            }
+        }
+        self.link.close();
+    }
+
+    /// Polls device `i`; false when the pipeline is shutting down.
+    async fn poll(&mut self, i: usize, shutdown: &CancellationToken) -> bool {
+        let started = Instant::now();
+        let bus = self.cfg.name.clone();
+        let dev = &mut self.devices[i];
+        let probing = dev.failures_in_row > 0;
+        // A device that stopped answering gets one probe transaction, no retries.
+        let retries = if probing { 0 } else { self.cfg.retries };
+        let spans: Vec<_> = if probing { dev.plan.spans.iter().take(1).copied().collect() } else { dev.plan.spans.clone() };
+        let mut raws: Vec<Raw> = Vec::with_capacity(spans.len());
+        let mut error: Option<TxError> = None;
+        'spans: for span in spans {
+            let mut attempt = 0;
+            loop {
+                if shutdown.is_cancelled() {
+                    return false;
+                }
+                let r = self.link.read(dev.cfg.unit, span).await;
+                crate::metrics::count("floorgate_bus_transactions_total", "Modbus transactions.", &[("bus", &bus)], 1);
+                match r {
+                    Ok(raw) => {
+                        raws.push(raw);
+                        continue 'spans;
+                    }
+                    Err(e) => {
+                        crate::metrics::count(
+                            "floorgate_bus_errors_total",
+                            "Failed Modbus transactions by kind (timeout, exception, transport, invalid).",
+                            &[("bus", &bus), ("device", &dev.cfg.name), ("kind", e.label())],
+                            1,
+                        );
+                        tracing::debug!(bus = %bus, device = %dev.cfg.name, error = %e, attempt, "transaction failed");
+                        attempt += 1;
+                        if attempt > retries || matches!(e, TxError::Exception { .. }) {
+                            error = Some(e);
+                            break 'spans;
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let latency = now - started;
+        let (events, ok) = match error {
+            None if probing => {
+                // The probe answered: poll the whole device right away.
+                dev.failures_in_row = 0;
+                dev.next_due = now;
+                return true;
+            }
+            None => {
+                let values = dev.plan.decode(&dev.profile, &raws);
+                dev.failures_in_row = 0;
+                dev.next_due = next_due(dev.next_due, dev.cfg.poll, now);
+                (dev.deriver.on_values(now.into_std(), &values), None)
+            }
+            Some(e) => {
+                if dev.failures_in_row == 0 {
+                    tracing::warn!(bus = %bus, device = %dev.cfg.name, error = %e, "device stopped answering; backing off");
+                }
+                dev.failures_in_row = dev.failures_in_row.saturating_add(1);
+                let backoff = dev
+                    .cfg
+                    .poll
+                    .max(Duration::from_millis(500))
+                    .saturating_mul(1u32 << dev.failures_in_row.min(16))
+                    .min(self.cfg.backoff_max.max(dev.cfg.poll));
+                dev.next_due = now + backoff;
+                (dev.deriver.on_offline(&e.to_string()), Some(e))
+            }
+        };
+        {
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = h.get_mut(&dev.cfg.name) {
+                h.online = dev.deriver.online();
+                h.latency_ms = latency.as_secs_f64() * 1e3;
+                match &ok {
+                    None => {
+                        h.polls += 1;
+                        h.last_ok_ms = crate::event::now_ms();
+                    }
+                    Some(e) => {
+                        h.failures += 1;
+                        h.last_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        crate::metrics::gauge(
+            "floorgate_device_online",
+            "1 when the device answered its last poll.",
+            &[("device", &dev.cfg.name)],
+            if dev.deriver.online() { 1.0 } else { 0.0 },
+        );
+        if !events.is_empty() {
+            let d = Derived {
+                events,
+                snapshot: Some((dev.cfg.name.clone(), dev.deriver.snapshot_bytes())),
+            };
+            if !self.writer.send(d).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The next poll time: one period after the previous due time, without bursts after a stall.
+fn next_due(prev: Instant, period: Duration, now: Instant) -> Instant {
+    let next = prev + period;
+    if next < now {
+        now
+    } else {
+        next
+    }
+}

@@ -1,0 +1,99 @@
+//! The command line: one file per subcommand; errors become one-line causes and exit codes.
+
+mod config_cmd;
+// mod demo;
+mod run;
+// mod simulate;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for invalid configuration (EX_CONFIG): systemd does not restart-loop on it.
+pub const EX_CONFIG: i32 = 78;
+
+/// floorgate: edge gateway for hospital floor machines (Modbus RTU/TCP → durable store → TLS MQTT).
+#[derive(Debug, Parser)]
+#[command(name = "floorgate", version, about)]
+pub struct Cli {
+    /// Log format: human, json, or journal (default: journal under systemd, else human).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway daemon.
+    Run(run::Args),
+    // DEMO_SIM_ENUM
+    /// Configuration files: validate.
+    #[command(subcommand)]
+    Config(config_cmd::Command),
+}
+
+/// An error with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: i32,
+    /// One-line cause (may hold several lines for configuration errors).
+    pub message: String,
+}
+
+impl Failure {
+    /// A generic failure (exit 1).
+    pub fn new(message: impl std::fmt::Display) -> Failure {
+        Failure { code: 1, message: message.to_string() }
+    }
+    /// A configuration failure (exit 78).
+    pub fn config(message: impl std::fmt::Display) -> Failure {
+        Failure { code: EX_CONFIG, message: message.to_string() }
+    }
+}
+
+fn init_logging(format: Option<&str>, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FLOORGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let format = format
+        .map(str::to_string)
+        .unwrap_or_else(|| if std::env::var_os("JOURNAL_STREAM").is_some() { "journal".into() } else { "human".into() });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format.as_str() {
+        "json" => builder.json().try_init(),
+        // journald stamps time and host itself.
+        "journal" => builder.without_time().with_ansi(false).try_init(),
+        _ => builder.try_init(),
+    };
+}
+
+/// Parses arguments, runs the command, returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let quiet = false; // DEMO_QUIET
+    init_logging(cli.log_format.as_deref(), if quiet { "warn" } else { "info" });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("floorgate: cannot start runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Run(a) => run::run(a).await,
+            // DEMO_SIM_MATCH
+            Command::Config(c) => config_cmd::run(c).await,
+        }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("floorgate: {}", f.message);
+            f.code
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Configuration: the TOML file as written (`raw`) is checked as a whole (`validate`) into a typed
+//! [`Config`]; every problem is reported at once as `file:line:col: message`.
+
+mod load;
+mod raw;
+pub mod units;
+mod validate;
+
+pub use load::{load, parse_str};
+pub use raw::PointKind;
+
+use crate::device::codec::{DataType, Table, Value, WordOrder};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The default config path of the daemon.
+pub const DEFAULT_PATH: &str = "/etc/floorgate/floorgate.toml";
+
+/// A fully checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub source: PathBuf,
+    /// `[gateway]`
+    pub gateway: Gateway,
+    /// `[store]`
+    pub store: Store,
+    /// `[uplink]`, absent when the gateway only buffers (e.g. during installation).
+    pub uplink: Option<Uplink>,
+    /// `[metrics]`
+    pub metrics: Metrics,
+    /// `[[bus]]`
+    pub buses: Vec<Bus>,
+    /// `[[device]]`
+    pub devices: Vec<Device>,
+    /// Profiles by name, inline and included.
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Gateway id, also the MQTT client id.
+    pub id: String,
+    /// Site name, used in topics.
+    pub site: String,
+    /// Where the store and the applied-config history live.
+    pub state_dir: PathBuf,
+    /// Fleet groups this gateway follows.
+    pub groups: Vec<String>,
+    /// Path of the local control socket (`floorgate status`).
+    pub control_socket: PathBuf,
+}
+
+/// `[store]`
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Bound of the stored event bytes.
+    pub max_bytes: u64,
+    /// Group-commit interval: events and snapshots become durable at least this often.
+    pub commit_interval: Duration,
+    /// sled page cache size.
+    pub cache_bytes: u64,
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS (mqtts) or plaintext (mqtt, only with `allow_plaintext`).
+    pub tls: bool,
+    /// CA bundle; None means the built-in Mozilla roots are not used: a CA file is required for TLS.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client key for mTLS.
+    pub key_file: Option<PathBuf>,
+    /// MQTT user name.
+    pub username: Option<String>,
+    /// File holding the MQTT password.
+    pub password_file: Option<PathBuf>,
+    /// Topic prefix with `{site}` and `{gateway}` resolved.
+    pub topic_prefix: String,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Events per publish when draining a backlog.
+    pub max_batch: usize,
+    /// Publishes awaiting PUBACK at once.
+    pub max_inflight: u16,
+    /// Upper bound of the reconnect back-off.
+    pub reconnect_max: Duration,
+    /// Public key (base64) that must sign remote config.
+    pub config_public_key: Option<String>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Prometheus listen address; None disables the endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity.
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// How a bus is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BusKind {
+    /// Modbus RTU on a serial port.
+    Rtu {
+        /// Device path, e.g. `/dev/ttyUSB0`.
+        port: PathBuf,
+        /// Baud rate.
+        baud: u32,
+        /// Parity.
+        parity: Parity,
+        /// Data bits (7 or 8).
+        data_bits: u8,
+        /// Stop bits (1 or 2).
+        stop_bits: u8,
+    },
+    /// Modbus TCP.
+    Tcp {
+        /// `host:port`.
+        address: String,
+    },
+}
+
+/// `[[bus]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bus {
+    /// Bus name.
+    pub name: String,
+    /// Transport.
+    pub kind: BusKind,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries after a failed request before the device counts as failed for this poll.
+    pub retries: u8,
+    /// Extra delay between the end of one transaction and the next request.
+    pub turnaround: Duration,
+    /// Unused registers/bits a coalesced read may bridge.
+    pub max_gap: u16,
+    /// Longest back-off for a device that stopped answering.
+    pub backoff_max: Duration,
+}
+
+/// `[[device]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    /// Device name, unique per gateway.
+    pub name: String,
+    /// Bus it is on.
+    pub bus: String,
+    /// Modbus unit id.
+    pub unit: u8,
+    /// Profile name.
+    pub profile: String,
+    /// Poll period.
+    pub poll: Duration,
+}
+
+/// A device profile: points and alarm rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Profile name.
+    pub name: String,
+    /// Human description.
+    pub description: String,
+    /// Expanded points (repeated blocks already unrolled).
+    pub points: Vec<Point>,
+    /// Alarm rules.
+    pub alarms: Vec<AlarmRule>,
+    /// Identification signature for `scan`.
+    pub signature: Option<Signature>,
+}
+
+/// Identification of a profile: a string register block that holds a known value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    /// Table.
+    pub table: Table,
+    /// First address.
+    pub address: u16,
+    /// Registers.
+    pub len: u16,
+    /// Expected string.
+    pub equals: String,
+}
+
+/// One point of a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Name (with the block index resolved).
+    pub name: String,
+    /// Table.
+    pub table: Table,
+    /// First address, 0-based.
+    pub address: u16,
+    /// Data type.
+    pub ty: DataType,
+    /// Word/byte order.
+    pub order: WordOrder,
+    /// String length in registers.
+    pub len: u16,
+    /// One bit of a register.
+    pub bit: Option<u8>,
+    /// Scale.
+    pub scale: f64,
+    /// Offset.
+    pub offset: f64,
+    /// Event kind.
+    pub kind: PointKind,
+    /// Telemetry deadband (absolute).
+    pub deadband: f64,
+    /// Publish at least this often.
+    pub heartbeat: Option<Duration>,
+    /// May be written by cloud commands.
+    pub writable: bool,
+    /// Lowest value a command may write.
+    pub min: Option<f64>,
+    /// Highest value a command may write.
+    pub max: Option<f64>,
+}
+
+impl Point {
+    /// Registers (or bits) this point occupies.
+    pub fn width(&self) -> u16 {
+        if self.table.is_bit() {
+            1
+        } else {
+            self.ty.width(self.len)
+        }
+    }
+}
+
+/// Comparison of an alarm rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+/// `[[profiles.X.alarms]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmRule {
+    /// Alarm name.
+    pub name: String,
+    /// Point the rule watches.
+    pub point: String,
+    /// Comparison.
+    pub op: Op,
+    /// Literal to compare against.
+    pub literal: Value,
+    /// Debounce: the condition must hold this long.
+    pub for_: Duration,
+    /// Severity label.
+    pub severity: String,
+}
+
+/// One configuration problem, located in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem is about the file as a whole).
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.col,
+                self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The profile of a device.
+    pub fn profile_of(&self, device: &Device) -> Option<&Arc<Profile>> {
+        self.profiles.get(&device.profile)
+    }
+}

@@ -1,0 +1,148 @@
+//! Metrics for the person on call, served in the Prometheus text format on `metrics.listen`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// A process-wide counter without labels.
+#[derive(Debug)]
+pub struct Counter {
+    name: &'static str,
+    help: &'static str,
+    value: AtomicU64,
+}
+
+impl Counter {
+    const fn new(name: &'static str, help: &'static str) -> Counter {
+        Counter {
+            name,
+            help,
+            value: AtomicU64::new(0),
+        }
+    }
+    /// Adds one.
+    pub fn inc(&self) {
+        self.value.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// Store commits.
+pub static STORE_COMMITS: Counter = Counter::new("floorgate_store_commits_total", "Durable group commits of the store.");
+/// Store write failures.
+pub static STORE_ERRORS: Counter = Counter::new("floorgate_store_errors_total", "Failed store commits (disk full, I/O errors).");
+/// Publishes acknowledged.
+pub static PUBLISHES: Counter = Counter::new("floorgate_uplink_publishes_total", "Event publishes acknowledged by the broker (PUBACK success).");
+/// Events acknowledged.
+pub static EVENTS_ACKED: Counter = Counter::new("floorgate_uplink_events_acked_total", "Events deleted from the store after PUBACK.");
+/// PUBACKs with a failure reason.
+pub static PUBACK_FAILURES: Counter = Counter::new("floorgate_uplink_puback_failures_total", "PUBACKs with a failure reason code (events kept).");
+/// Reconnects.
+pub static RECONNECTS: Counter = Counter::new("floorgate_uplink_connects_total", "MQTT sessions established.");
+/// Connection failures.
+pub static CONNECT_FAILURES: Counter = Counter::new("floorgate_uplink_connect_failures_total", "Failed MQTT connection attempts or lost sessions.");
+
+static COUNTERS: [&Counter; 7] = [
+    &STORE_COMMITS,
+    &STORE_ERRORS,
+    &PUBLISHES,
+    &EVENTS_ACKED,
+    &PUBACK_FAILURES,
+    &RECONNECTS,
+    &CONNECT_FAILURES,
+];
+
+struct Family {
+    help: &'static str,
+    kind: &'static str,
+    series: BTreeMap<String, f64>,
+}
+
+static LABELED: Mutex<BTreeMap<&'static str, Family>> = Mutex::new(BTreeMap::new());
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s
+}
+
+fn update(name: &'static str, help: &'static str, kind: &'static str, pairs: &[(&str, &str)], f: impl FnOnce(&mut f64)) {
+    let mut map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
+    let fam = map.entry(name).or_insert_with(|| Family {
+        help,
+        kind,
+        series: BTreeMap::new(),
+    });
+    f(fam.series.entry(labels(pairs)).or_insert(0.0));
+}
+
+/// Adds to a labelled counter.
+pub fn count(name: &'static str, help: &'static str, pairs: &[(&str, &str)], n: u64) {
+    update(name, help, "counter", pairs, |v| *v += n as f64);
+}
+
+/// Sets a labelled gauge.
+pub fn gauge(name: &'static str, help: &'static str, pairs: &[(&str, &str)], value: f64) {
+    update(name, help, "gauge", pairs, |v| *v = value);
+}
+
+/// Reads a labelled series (tests and `status`).
+pub fn value(name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
+    let map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
+    map.get(name).and_then(|f| f.series.get(&labels(pairs)).copied())
+}
+
+/// The whole registry in Prometheus text format.
+pub fn render() -> String {
+    let mut out = String::new();
+    for c in COUNTERS {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter\n{} {}", c.name, c.help, c.name, c.name, c.get());
+    }
+    let map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, fam) in map.iter() {
+        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {}", fam.help, fam.kind);
+        for (l, v) in &fam.series {
+            let _ = writeln!(out, "{name}{{{l}}} {v}");
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` (any path) until shutdown.
+pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (mut sock, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
+            let body = render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,123 @@
+//! Store behaviour: seq assignment, durability across reopen, the bound, acknowledgements.
+
+use super::*;
+use crate::device::codec::Value;
+use std::collections::BTreeMap;
+
+fn telemetry(i: u64) -> Event {
+    let mut values = BTreeMap::new();
+    values.insert("t".to_string(), Value::UInt(i));
+    Event {
+        ts: i,
+        clock_synced: true,
+        device: Some("d".into()),
+        body: Body::Telemetry { values },
+    }
+}
+
+fn counter(i: u64) -> Event {
+    Event {
+        ts: i,
+        clock_synced: true,
+        device: Some("d".into()),
+        body: Body::Counter {
+            point: "c".into(),
+            delta: 1,
+            total: i,
+            reset: false,
+        },
+    }
+}
+
+#[test]
+fn seqs_increase_and_are_never_reused_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        let r = s.commit(&[counter(1), counter(2)], &[]).expect("commit");
+        assert_eq!(r, 1..3);
+        s.ack(&[(1, Class::Keep), (2, Class::Keep)]).expect("ack");
+        r
+    };
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    let r = s.commit(&[counter(3)], &[]).expect("commit");
+    assert_eq!(r.start, first.end, "seq continues after reopen even when the store is empty");
+    assert_eq!(s.stats().events, 1);
+}
+
+#[test]
+fn snapshot_is_committed_with_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        s.commit(&[counter(1)], &[("d".into(), b"snap-1".to_vec())]).expect("commit");
+    }
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    assert_eq!(s.snapshot("d").expect("get"), Some(b"snap-1".to_vec()));
+    assert_eq!(s.stats().events, 1);
+}
+
+#[test]
+fn read_from_merges_classes_in_seq_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+    s.commit(&[telemetry(1), counter(2), telemetry(3), counter(4)], &[]).expect("commit");
+    let seqs: Vec<u64> = s.read_from(0, 10).expect("read").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    let seqs: Vec<u64> = s.read_from(3, 10).expect("read").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![3, 4]);
+    assert_eq!(s.read_from(0, 2).expect("read").len(), 2);
+}
+
+#[test]
+fn full_store_drops_oldest_telemetry_first_and_reports_the_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 64 << 10).expect("open");
+    let mut kept = 0;
+    for round in 0..120u64 {
+        let batch: Vec<Event> = (0..20)
+            .map(|i| if i == 0 { counter(round) } else { telemetry(round * 100 + i) })
+            .collect();
+        kept += 1;
+        s.commit(&batch, &[]).expect("commit");
+    }
+    let stats = s.stats();
+    assert!(stats.bytes <= 64 << 10, "bound holds: {} bytes", stats.bytes);
+    assert!(stats.dropped > 0, "something was dropped");
+    let all = s.read_from(0, usize::MAX).expect("read");
+    let counters = all
+        .iter()
+        .filter(|e| String::from_utf8_lossy(&e.json).contains("\"kind\":\"counter\""))
+        .count();
+    assert_eq!(counters, kept, "no counter event was dropped while telemetry was available");
+    let gaps: Vec<serde_json::Value> = all
+        .iter()
+        .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&e.json).ok())
+        .filter(|v| v["kind"] == "gap")
+        .collect();
+    let reported: u64 = gaps.iter().map(|g| g["dropped"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(reported, stats.dropped, "every drop is reported by a gap event");
+    let held: std::collections::HashSet<u64> = all.iter().map(|e| e.seq).collect();
+    for g in &gaps {
+        let (a, b) = (g["first_seq"].as_u64().unwrap_or(0), g["last_seq"].as_u64().unwrap_or(0));
+        assert!(a <= b);
+        assert!(!held.contains(&a) && !held.contains(&b), "gap bounds name dropped events");
+    }
+}
+
+#[test]
+fn ack_deletes_and_ignores_already_dropped_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+    s.commit(&[counter(1), telemetry(2)], &[]).expect("commit");
+    s.ack(&[(1, Class::Keep)]).expect("ack");
+    s.ack(&[(1, Class::Keep)]).expect("ack twice");
+    let st = s.stats();
+    assert_eq!(st.events, 1);
+    assert_eq!(st.telemetry, 1);
+    let left = s.read_from(0, 10).expect("read");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, 2);
+    s.ack(&[(2, Class::Telemetry)]).expect("ack");
+    assert_eq!(s.stats().bytes, 0);
+}

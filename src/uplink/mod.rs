@@ -1,0 +1,395 @@
+//! The uplink: an MQTT 5 session over TLS that publishes stored events and deletes them only
+//! after the broker's PUBACK.
+//!
+//! rumqttc gives no handle per publish, so acknowledgement is tracked by order: every publish we
+//! hand to the client shows up as `Outgoing::Publish(pkid)` in the order it was handed over, and
+//! the PUBACK names that pkid. Each session gets a fresh client and event loop (clean start), so
+//! no stale request of an old session can shift that order; after a reconnect everything still in
+//! the store is sent again from the oldest seq, which keeps per-device seq order.
+
+pub mod remote;
+pub mod tls;
+
+use crate::event::{payload, Class};
+use crate::store::Store;
+use rand::Rng;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Uplink failures.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// TLS files or settings.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The password file.
+    #[error("cannot read password file {path}: {source}")]
+    Password {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Connecting or the session failed.
+    #[error("{0}")]
+    Session(String),
+    /// The broker refused a publish (PUBACK reason code); the events stay stored.
+    #[error("broker refused publish: {0:?}")]
+    Refused(PubAckReason),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Uplink state shared with `status` and the health gate.
+#[derive(Debug, Default)]
+pub struct UplinkState {
+    /// A session is established.
+    pub connected: AtomicBool,
+    /// Unix ms of the last successful PUBACK.
+    pub last_puback_ms: AtomicU64,
+    /// Sessions established since start.
+    pub sessions: AtomicU64,
+    /// Last error, for status.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// An incoming message on a subscribed topic (remote config, commands).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A message the gateway itself publishes (status, config state, command results).
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Topic below the prefix, e.g. `status`.
+    pub subtopic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retained.
+    pub retain: bool,
+}
+
+#[derive(Debug)]
+enum Sent {
+    Events(Vec<(u64, Class)>),
+    Control,
+}
+
+/// The uplink task.
+#[derive(Debug)]
+pub struct Uplink {
+    cfg: crate::config::Uplink,
+    gateway: String,
+    store: Arc<Store>,
+    /// Shared state.
+    pub state: Arc<UplinkState>,
+    subscriptions: Vec<String>,
+    incoming: Option<mpsc::Sender<Incoming>>,
+    outbound: mpsc::Receiver<Outbound>,
+    outbound_tx: mpsc::Sender<Outbound>,
+    birth: Vec<u8>,
+    drain_timeout: Duration,
+}
+
+impl Uplink {
+    /// A new uplink for the gateway's events.
+    pub fn new(cfg: crate::config::Uplink, gateway: &str, store: Arc<Store>, birth: Vec<u8>) -> Uplink {
+        let (outbound_tx, outbound) = mpsc::channel(256);
+        Uplink {
+            cfg,
+            gateway: gateway.to_string(),
+            store,
+            state: Arc::default(),
+            subscriptions: Vec::new(),
+            incoming: None,
+            outbound,
+            outbound_tx,
+            birth,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Subscribes to `topics` (full topic names) and forwards what arrives.
+    pub fn subscribe(&mut self, topics: Vec<String>, to: mpsc::Sender<Incoming>) {
+        self.subscriptions = topics;
+        self.incoming = Some(to);
+    }
+
+    /// A sender for the gateway's own messages.
+    pub fn outbound(&self) -> mpsc::Sender<Outbound> {
+        self.outbound_tx.clone()
+    }
+
+    /// How long a graceful stop waits for outstanding PUBACKs.
+    pub fn set_drain_timeout(&mut self, d: Duration) {
+        self.drain_timeout = d;
+    }
+
+    /// Checks files and builds the MQTT options (TLS, credentials, will).
+    pub fn options(&self) -> Result<MqttOptions, UplinkError> {
+        let c = &self.cfg;
+        let mut o = MqttOptions::new(self.gateway.clone(), c.host.clone(), c.port);
+        o.set_keep_alive(c.keep_alive);
+        o.set_clean_start(true);
+        o.set_max_packet_size(Some(8 << 20));
+        o.set_outgoing_inflight_upper_limit(c.max_inflight);
+        o.set_connection_timeout(10);
+        if c.tls {
+            let cfg = tls::client_config(c)?;
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
+        }
+        if let Some(user) = &c.username {
+            let password = match &c.password_file {
+                Some(p) => {
+                    tls::check_secret_permissions(p)?;
+                    std::fs::read_to_string(p)
+                        .map_err(|source| UplinkError::Password {
+                            path: p.display().to_string(),
+                            source,
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string()
+                }
+                None => String::new(),
+            };
+            o.set_credentials(user.clone(), password);
+        }
+        o.set_last_will(LastWill::new(
+            format!("{}/status", c.topic_prefix),
+            br#"{"state":"offline"}"#.to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        Ok(o)
+    }
+
+    /// Runs sessions with jittered exponential back-off until shutdown.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            self.state.connected.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => return,
+                Err(error) => {
+                    crate::metrics::CONNECT_FAILURES.inc();
+                    tracing::warn!(%error, retry_in = ?backoff, "uplink session ended");
+                    *self.state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                    if matches!(error, UplinkError::Tls(_) | UplinkError::Password { .. }) {
+                        backoff = self.cfg.reconnect_max;
+                    }
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(250);
+            }
+            let jitter = rand::thread_rng().gen_range(0.5..1.0);
+            let wait = backoff.mul_f64(jitter);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(self.cfg.reconnect_max);
+        }
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
+        let opts = self.options()?;
+        let window = self.cfg.max_inflight as usize;
+        let (client, mut eventloop) = AsyncClient::new(opts, window + 64);
+        let (ev_tx, mut events) = mpsc::channel::<Result<Event, ConnectionError>>(1024);
+        let pump = tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let stop = ev.is_err();
+                if ev_tx.send(ev).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let _abort = AbortOnDrop(pump);
+
+        // Wait for CONNACK.
+        let connect_deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tokio::time::sleep_until(connect_deadline) => return Err(UplinkError::Session("no CONNACK within 15s".into())),
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            match ev {
+                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(UplinkError::Session(format!("broker refused connection: {:?}", ack.code)));
+                    }
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
+                None => return Err(UplinkError::Session("event loop ended".into())),
+            }
+        }
+        self.state.connected.store(true, Ordering::Relaxed);
+        self.state.sessions.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::RECONNECTS.inc();
+        tracing::info!(host = %self.cfg.host, port = self.cfg.port, "uplink connected");
+
+        let prefix = self.cfg.topic_prefix.clone();
+        let events_topic = format!("{prefix}/events");
+        let mut unassigned: VecDeque<Sent> = VecDeque::new();
+        let mut inflight: HashMap<u16, Sent> = HashMap::new();
+        for t in &self.subscriptions {
+            client
+                .subscribe(t.clone(), QoS::AtLeastOnce)
+                .await
+                .map_err(|e| UplinkError::Session(e.to_string()))?;
+        }
+        client
+            .try_publish(format!("{prefix}/status"), QoS::AtLeastOnce, true, self.birth.clone())
+            .map_err(|e| UplinkError::Session(e.to_string()))?;
+        unassigned.push_back(Sent::Control);
+
+        let mut cursor = 0u64;
+        let mut draining: Option<Instant> = None;
+        loop {
+            // Keep the window full: resend from the oldest stored seq, then follow new commits.
+            // While stopping, the backlog keeps draining until the deadline.
+            let mut exhausted = false;
+            while unassigned.len() + inflight.len() < window {
+                let batch = self.store.read_from(cursor, self.cfg.max_batch)?;
+                let Some(last) = batch.last().map(|s| s.seq) else {
+                    exhausted = true;
+                    break;
+                };
+                cursor = last + 1;
+                // Live traffic goes out one event per publish; a backlog in batches.
+                let groups: Vec<&[crate::store::Stored]> = if batch.len() < 8 {
+                    batch.chunks(1).collect()
+                } else {
+                    vec![batch.as_slice()]
+                };
+                for g in groups {
+                    let body = payload(&self.gateway, g.iter().map(|s| s.json.as_slice()));
+                    client
+                        .try_publish(events_topic.clone(), QoS::AtLeastOnce, false, body)
+                        .map_err(|e| UplinkError::Session(e.to_string()))?;
+                    unassigned.push_back(Sent::Events(g.iter().map(|s| (s.seq, s.class)).collect()));
+                }
+            }
+            if let Some(deadline) = draining {
+                if exhausted && unassigned.is_empty() && inflight.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(outstanding = unassigned.len() + inflight.len(), "stop: PUBACKs still outstanding; events stay stored");
+                    break;
+                }
+            }
+            let room = unassigned.len() + inflight.len() < window;
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(Ok(ev)) => self.on_event(ev, &mut unassigned, &mut inflight)?,
+                    Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
+                    None => return Err(UplinkError::Session("event loop ended".into())),
+                },
+                _ = self.store.committed(), if room && draining.is_none() => {}
+                out = self.outbound.recv(), if room => {
+                    if let Some(out) = out {
+                        client
+                            .try_publish(format!("{prefix}/{}", out.subtopic), QoS::AtLeastOnce, out.retain, out.payload)
+                            .map_err(|e| UplinkError::Session(e.to_string()))?;
+                        unassigned.push_back(Sent::Control);
+                    }
+                }
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    draining = Some(Instant::now() + self.drain_timeout);
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)), if draining.is_some() => {}
+            }
+        }
+        // Graceful stop: say so (the will is only for unexpected loss), then disconnect.
+        let _ = client.try_publish(format!("{prefix}/status"), QoS::AtLeastOnce, true, br#"{"state":"offline"}"#.to_vec());
+        let _ = client.try_disconnect();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(Ok(ev))) = tokio::time::timeout_at(deadline, events.recv()).await {
+            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: Event, unassigned: &mut VecDeque<Sent>, inflight: &mut HashMap<u16, Sent>) -> Result<(), UplinkError> {
+        match ev {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(sent) = unassigned.pop_front() {
+                    inflight.insert(pkid, sent);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let Some(sent) = inflight.remove(&ack.pkid) else { return Ok(()) };
+                if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                    crate::metrics::PUBACK_FAILURES.inc();
+                    tracing::error!(reason = ?ack.reason, "broker refused a publish; events stay stored and are retried");
+                    return Err(UplinkError::Refused(ack.reason));
+                }
+                self.state.last_puback_ms.store(crate::event::now_ms(), Ordering::Relaxed);
+                if let Sent::Events(ev) = sent {
+                    self.store.ack(&ev)?;
+                    crate::metrics::PUBLISHES.inc();
+                    crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                if let Some(tx) = &self.incoming {
+                    let msg = Incoming {
+                        topic: String::from_utf8_lossy(&p.topic).to_string(),
+                        payload: p.payload.to_vec(),
+                    };
+                    if tx.try_send(msg).is_err() {
+                        tracing::warn!("remote control queue full; message dropped");
+                    }
+                }
+            }
+            Event::Incoming(Packet::Disconnect(d)) => {
+                return Err(UplinkError::Session(format!("broker disconnected: {:?}", d.reason_code)));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A one-line description of a connection error, with the TLS cause spelled out.
+pub fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::Tls(t) => format!("TLS: {t}"),
+        ConnectionError::Io(io) => format!("I/O: {io}"),
+        other => other.to_string(),
+    }
+}
