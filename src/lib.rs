@@ -11,7 +11,7 @@ pub mod daemon;
 pub mod device;
 pub mod event;
 pub mod metrics;
-// pub mod sim;
+pub mod sim;
 pub mod store;
 pub mod systemd;
 pub mod uplink;

@@ -1,9 +1,9 @@
 //! The command line: one file per subcommand; errors become one-line causes and exit codes.
 
 mod config_cmd;
-// mod demo;
+mod demo;
 mod run;
-// mod simulate;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -25,7 +25,10 @@ pub struct Cli {
 enum Command {
     /// Run the gateway daemon.
     Run(run::Args),
-    // DEMO_SIM_ENUM
+    /// Zero-setup showcase: simulated floor, embedded broker, the real pipeline, live view.
+    Demo(demo::Args),
+    /// Run simulated devices on Modbus TCP or a serial port / pseudo-terminal.
+    Simulate(simulate::Args),
     /// Configuration files: validate.
     #[command(subcommand)]
     Config(config_cmd::Command),
@@ -69,8 +72,8 @@ fn init_logging(format: Option<&str>, default_level: &str) {
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let quiet = false; // DEMO_QUIET
-    init_logging(cli.log_format.as_deref(), if quiet { "warn" } else { "info" });
+    let quiet = matches!(cli.command, Command::Demo(_));
+    init_logging(cli.log_format.as_deref(), if quiet { "error" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -85,7 +88,8 @@ pub fn main() -> i32 {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Run(a) => run::run(a).await,
-            // DEMO_SIM_MATCH
+            Command::Demo(a) => demo::run(a).await,
+            Command::Simulate(a) => simulate::run(a).await,
             Command::Config(c) => config_cmd::run(c).await,
         }
     });

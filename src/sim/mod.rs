@@ -7,6 +7,7 @@
 //! [`Model::init`] + [`run_model`].
 
 pub mod bag;
+pub mod broker;
 mod bank;
 pub mod cabinet;
 mod device;

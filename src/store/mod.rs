@@ -9,6 +9,7 @@
 mod writer;
 
 pub use writer::{Derived, Writer, WriterHandle};
+pub(crate) use writer::publish_gauges;
 
 use crate::event::{Body, Class, Event};
 use std::path::Path;

@@ -114,6 +114,7 @@ impl Writer {
             Ok((_, Ok(()))) => {
                 self.failing.store(false, std::sync::atomic::Ordering::Relaxed);
                 crate::metrics::STORE_COMMITS.inc();
+                publish_gauges(&self.store);
                 Vec::new()
             }
             Ok((pending, Err(error))) => {
@@ -146,4 +147,13 @@ fn commit_blocking(store: &Store, pending: &[Derived]) -> Result<(), StoreError>
         .collect();
     store.commit(&events, &snaps)?;
     Ok(())
+}
+
+/// Updates the store gauges (depth, bytes, drops).
+pub(crate) fn publish_gauges(store: &Store) {
+    let st = store.stats();
+    crate::metrics::gauge("floorgate_store_events", "Events held in the store.", &[], st.events as f64);
+    crate::metrics::gauge("floorgate_store_bytes", "Bytes of events held in the store.", &[], st.bytes as f64);
+    crate::metrics::gauge("floorgate_store_next_seq", "Next sequence number.", &[], st.next_seq as f64);
+    crate::metrics::gauge("floorgate_store_dropped", "Events dropped because the store was full, since start.", &[], st.dropped as f64);
 }

@@ -355,6 +355,7 @@ impl Uplink {
                     self.store.ack(&ev)?;
                     crate::metrics::PUBLISHES.inc();
                     crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
+                    crate::store::publish_gauges(&self.store);
                 }
             }
             Event::Incoming(Packet::Publish(p)) => {
