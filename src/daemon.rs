@@ -75,11 +75,22 @@ impl Pipeline {
         let (writer, handle) = Writer::new(shared.store.clone(), config.store.commit_interval);
         let mut tasks = Vec::new();
         for bus in &config.buses {
-            tasks.push(BusTask::new(config, bus, &shared.store, handle.clone(), shared.health.clone())?);
+            tasks.push(BusTask::new(
+                config,
+                bus,
+                &shared.store,
+                handle.clone(),
+                shared.health.clone(),
+            )?);
         }
         let uplink = match &config.uplink {
             Some(u) => {
-                let up = Uplink::new(u.clone(), &config.gateway.id, shared.store.clone(), birth(config));
+                let up = Uplink::new(
+                    u.clone(),
+                    &config.gateway.id,
+                    shared.store.clone(),
+                    birth(config),
+                );
                 up.options()?; // refuse unusable TLS files before anything starts
                 Some(up)
             }
@@ -150,11 +161,22 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         store: store.clone(),
         health: Health::default(),
     };
-    run_with(opts.config.as_path(), config, shared, CancellationToken::new()).await
+    run_with(
+        opts.config.as_path(),
+        config,
+        shared,
+        CancellationToken::new(),
+    )
+    .await
 }
 
 /// Runs the daemon with an opened store until `stop` or a signal.
-pub async fn run_with(path: &Path, mut config: Config, shared: Shared, stop: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run_with(
+    path: &Path,
+    mut config: Config,
+    shared: Shared,
+    stop: CancellationToken,
+) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;

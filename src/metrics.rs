@@ -39,19 +39,40 @@ impl Counter {
 }
 
 /// Store commits.
-pub static STORE_COMMITS: Counter = Counter::new("floorgate_store_commits_total", "Durable group commits of the store.");
+pub static STORE_COMMITS: Counter = Counter::new(
+    "floorgate_store_commits_total",
+    "Durable group commits of the store.",
+);
 /// Store write failures.
-pub static STORE_ERRORS: Counter = Counter::new("floorgate_store_errors_total", "Failed store commits (disk full, I/O errors).");
+pub static STORE_ERRORS: Counter = Counter::new(
+    "floorgate_store_errors_total",
+    "Failed store commits (disk full, I/O errors).",
+);
 /// Publishes acknowledged.
-pub static PUBLISHES: Counter = Counter::new("floorgate_uplink_publishes_total", "Event publishes acknowledged by the broker (PUBACK success).");
+pub static PUBLISHES: Counter = Counter::new(
+    "floorgate_uplink_publishes_total",
+    "Event publishes acknowledged by the broker (PUBACK success).",
+);
 /// Events acknowledged.
-pub static EVENTS_ACKED: Counter = Counter::new("floorgate_uplink_events_acked_total", "Events deleted from the store after PUBACK.");
+pub static EVENTS_ACKED: Counter = Counter::new(
+    "floorgate_uplink_events_acked_total",
+    "Events deleted from the store after PUBACK.",
+);
 /// PUBACKs with a failure reason.
-pub static PUBACK_FAILURES: Counter = Counter::new("floorgate_uplink_puback_failures_total", "PUBACKs with a failure reason code (events kept).");
+pub static PUBACK_FAILURES: Counter = Counter::new(
+    "floorgate_uplink_puback_failures_total",
+    "PUBACKs with a failure reason code (events kept).",
+);
 /// Reconnects.
-pub static RECONNECTS: Counter = Counter::new("floorgate_uplink_connects_total", "MQTT sessions established.");
+pub static RECONNECTS: Counter = Counter::new(
+    "floorgate_uplink_connects_total",
+    "MQTT sessions established.",
+);
 /// Connection failures.
-pub static CONNECT_FAILURES: Counter = Counter::new("floorgate_uplink_connect_failures_total", "Failed MQTT connection attempts or lost sessions.");
+pub static CONNECT_FAILURES: Counter = Counter::new(
+    "floorgate_uplink_connect_failures_total",
+    "Failed MQTT connection attempts or lost sessions.",
+);
 
 static COUNTERS: [&Counter; 7] = [
     &STORE_COMMITS,
@@ -83,7 +104,13 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     s
 }
 
-fn update(name: &'static str, help: &'static str, kind: &'static str, pairs: &[(&str, &str)], f: impl FnOnce(&mut f64)) {
+fn update(
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    pairs: &[(&str, &str)],
+    f: impl FnOnce(&mut f64),
+) {
     let mut map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
     let fam = map.entry(name).or_insert_with(|| Family {
         help,
@@ -106,18 +133,31 @@ pub fn gauge(name: &'static str, help: &'static str, pairs: &[(&str, &str)], val
 /// Reads a labelled series (tests and `status`).
 pub fn value(name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
     let map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
-    map.get(name).and_then(|f| f.series.get(&labels(pairs)).copied())
+    map.get(name)
+        .and_then(|f| f.series.get(&labels(pairs)).copied())
 }
 
 /// The whole registry in Prometheus text format.
 pub fn render() -> String {
     let mut out = String::new();
     for c in COUNTERS {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter\n{} {}", c.name, c.help, c.name, c.name, c.get());
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} counter\n{} {}",
+            c.name,
+            c.help,
+            c.name,
+            c.name,
+            c.get()
+        );
     }
     let map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
     for (name, fam) in map.iter() {
-        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {}", fam.help, fam.kind);
+        let _ = writeln!(
+            out,
+            "# HELP {name} {}\n# TYPE {name} {}",
+            fam.help, fam.kind
+        );
         for (l, v) in &fam.series {
             let _ = writeln!(out, "{name}{{{l}}} {v}");
         }
@@ -135,7 +175,8 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
         };
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
             let body = render();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

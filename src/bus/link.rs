@@ -64,13 +64,21 @@ impl SharedPort {
 }
 
 impl AsyncRead for SharedPort {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         self.with(|s| Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for SharedPort {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskCx<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.with(|s| Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
@@ -143,7 +151,9 @@ fn map_err(e: tokio_modbus::Error) -> TxError {
 
 fn open_error(path: &std::path::Path, e: tokio_serial::Error) -> TxError {
     let hint = match e.kind() {
-        tokio_serial::ErrorKind::NoDevice => " (is the adapter plugged in? `ls /dev/ttyUSB* /dev/ttyACM*`)".to_string(),
+        tokio_serial::ErrorKind::NoDevice => {
+            " (is the adapter plugged in? `ls /dev/ttyUSB* /dev/ttyACM*`)".to_string()
+        }
         tokio_serial::ErrorKind::Io(io::ErrorKind::NotFound) => " (no such port)".to_string(),
         tokio_serial::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
             " (permission denied: add the service user to the `dialout` group)".to_string()
@@ -157,8 +167,15 @@ impl Link {
     /// A link for a configured bus; nothing is opened until the first transaction.
     pub fn new(bus: &Bus) -> Link {
         let (transport, gap) = match &bus.kind {
-            BusKind::Rtu { port, baud, parity, data_bits, stop_bits } => {
-                let bits = 1 + *data_bits as u32 + *stop_bits as u32 + u32::from(*parity != Parity::None);
+            BusKind::Rtu {
+                port,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                let bits =
+                    1 + *data_bits as u32 + *stop_bits as u32 + u32::from(*parity != Parity::None);
                 (
                     Transport::Rtu {
                         path: port.clone(),
@@ -171,7 +188,12 @@ impl Link {
                     t35(*baud, bits).max(bus.turnaround),
                 )
             }
-            BusKind::Tcp { address } => (Transport::Tcp { address: address.clone() }, bus.turnaround),
+            BusKind::Tcp { address } => (
+                Transport::Tcp {
+                    address: address.clone(),
+                },
+                bus.turnaround,
+            ),
         };
         Link {
             transport,
@@ -186,7 +208,14 @@ impl Link {
     async fn context(&mut self) -> Result<&mut Context, TxError> {
         if self.ctx.is_none() {
             let ctx = match &mut self.transport {
-                Transport::Rtu { path, baud, parity, data_bits, stop_bits, port } => {
+                Transport::Rtu {
+                    path,
+                    baud,
+                    parity,
+                    data_bits,
+                    stop_bits,
+                    port,
+                } => {
                     if port.is_none() {
                         let stream = tokio_serial::new(path.to_string_lossy(), *baud)
                             .parity(match parity {
@@ -194,14 +223,24 @@ impl Link {
                                 Parity::Even => tokio_serial::Parity::Even,
                                 Parity::Odd => tokio_serial::Parity::Odd,
                             })
-                            .data_bits(if *data_bits == 7 { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight })
-                            .stop_bits(if *stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One })
+                            .data_bits(if *data_bits == 7 {
+                                tokio_serial::DataBits::Seven
+                            } else {
+                                tokio_serial::DataBits::Eight
+                            })
+                            .stop_bits(if *stop_bits == 2 {
+                                tokio_serial::StopBits::Two
+                            } else {
+                                tokio_serial::StopBits::One
+                            })
                             .open_native_async()
                             .map_err(|e| open_error(path, e))?;
                         let _ = stream.clear(tokio_serial::ClearBuffer::All);
                         *port = Some(SharedPort(Arc::new(Mutex::new(stream))));
                     }
-                    let shared = port.clone().ok_or_else(|| TxError::Transport("port not open".into()))?;
+                    let shared = port
+                        .clone()
+                        .ok_or_else(|| TxError::Transport("port not open".into()))?;
                     tokio_modbus::client::rtu::attach(shared)
                 }
                 Transport::Tcp { address } => {
@@ -209,18 +248,25 @@ impl Link {
                         .await
                         .map_err(|e| TxError::Transport(format!("cannot resolve {address}: {e}")))?
                         .next()
-                        .ok_or_else(|| TxError::Transport(format!("{address} resolves to nothing")))?;
-                    let stream = timeout(self.timeout.max(Duration::from_secs(1)), tokio::net::TcpStream::connect(addr))
-                        .await
-                        .map_err(|_| TxError::Timeout)?
-                        .map_err(|e| TxError::Transport(format!("cannot connect to {address}: {e}")))?;
+                        .ok_or_else(|| {
+                            TxError::Transport(format!("{address} resolves to nothing"))
+                        })?;
+                    let stream = timeout(
+                        self.timeout.max(Duration::from_secs(1)),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                    .map_err(|_| TxError::Timeout)?
+                    .map_err(|e| TxError::Transport(format!("cannot connect to {address}: {e}")))?;
                     let _ = stream.set_nodelay(true);
                     tokio_modbus::client::tcp::attach(stream)
                 }
             };
             self.ctx = Some(ctx);
         }
-        self.ctx.as_mut().ok_or_else(|| TxError::Transport("no connection".into()))
+        self.ctx
+            .as_mut()
+            .ok_or_else(|| TxError::Transport("no connection".into()))
     }
 
     /// After a timeout or a bad frame: forget the decoder state and wait until the line has been
@@ -264,7 +310,11 @@ impl Link {
     async fn call<T>(
         &mut self,
         unit: u8,
-        f: impl for<'a> FnOnce(&'a mut Context) -> Pin<Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'a>>,
+        f: impl for<'a> FnOnce(
+            &'a mut Context,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'a>,
+        >,
     ) -> Result<T, TxError> {
         sleep_until(self.ready_at).await;
         let to = self.timeout;
@@ -304,10 +354,28 @@ impl Link {
     pub async fn read(&mut self, unit: u8, span: ReadSpan) -> Result<Raw, TxError> {
         let (start, count) = (span.start, span.count);
         let raw = match span.table {
-            Table::Holding => Raw::Registers(self.call(unit, move |c| Box::pin(c.read_holding_registers(start, count))).await?),
-            Table::Input => Raw::Registers(self.call(unit, move |c| Box::pin(c.read_input_registers(start, count))).await?),
-            Table::Coil => Raw::Bits(self.call(unit, move |c| Box::pin(c.read_coils(start, count))).await?),
-            Table::Discrete => Raw::Bits(self.call(unit, move |c| Box::pin(c.read_discrete_inputs(start, count))).await?),
+            Table::Holding => Raw::Registers(
+                self.call(unit, move |c| {
+                    Box::pin(c.read_holding_registers(start, count))
+                })
+                .await?,
+            ),
+            Table::Input => Raw::Registers(
+                self.call(unit, move |c| {
+                    Box::pin(c.read_input_registers(start, count))
+                })
+                .await?,
+            ),
+            Table::Coil => Raw::Bits(
+                self.call(unit, move |c| Box::pin(c.read_coils(start, count)))
+                    .await?,
+            ),
+            Table::Discrete => Raw::Bits(
+                self.call(unit, move |c| {
+                    Box::pin(c.read_discrete_inputs(start, count))
+                })
+                .await?,
+            ),
         };
         let got = match &raw {
             Raw::Registers(r) => r.len(),
@@ -316,7 +384,9 @@ impl Link {
         // A reply of another length is an answer to some other request: never use it.
         if got < count as usize || (matches!(raw, Raw::Registers(_)) && got != count as usize) {
             self.resync().await;
-            return Err(TxError::Invalid(format!("asked for {count} items at {start}, got {got}")));
+            return Err(TxError::Invalid(format!(
+                "asked for {count} items at {start}, got {got}"
+            )));
         }
         Ok(match raw {
             Raw::Bits(mut b) => {
@@ -328,18 +398,28 @@ impl Link {
     }
 
     /// Writes holding registers (one register with 0x06, more with 0x10).
-    pub async fn write_registers(&mut self, unit: u8, address: u16, words: Vec<u16>) -> Result<(), TxError> {
+    pub async fn write_registers(
+        &mut self,
+        unit: u8,
+        address: u16,
+        words: Vec<u16>,
+    ) -> Result<(), TxError> {
         if words.len() == 1 {
             let w = words[0];
-            self.call(unit, move |c| Box::pin(c.write_single_register(address, w))).await
+            self.call(unit, move |c| Box::pin(c.write_single_register(address, w)))
+                .await
         } else {
-            self.call(unit, move |c| Box::pin(async move { c.write_multiple_registers(address, &words).await })).await
+            self.call(unit, move |c| {
+                Box::pin(async move { c.write_multiple_registers(address, &words).await })
+            })
+            .await
         }
     }
 
     /// Writes one coil.
     pub async fn write_coil(&mut self, unit: u8, address: u16, value: bool) -> Result<(), TxError> {
-        self.call(unit, move |c| Box::pin(c.write_single_coil(address, value))).await
+        self.call(unit, move |c| Box::pin(c.write_single_coil(address, value)))
+            .await
     }
 
     /// Closes the port or connection (reopened on the next transaction).

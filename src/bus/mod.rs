@@ -56,7 +56,9 @@ pub struct BusTask {
 
 impl std::fmt::Debug for BusTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusTask").field("bus", &self.cfg.name).finish()
+        f.debug_struct("BusTask")
+            .field("bus", &self.cfg.name)
+            .finish()
     }
 }
 
@@ -78,11 +80,24 @@ pub enum BusError {
 
 impl BusTask {
     /// Builds the task for `bus`, restoring each device's last committed snapshot.
-    pub fn new(config: &Config, bus: &Bus, store: &Store, writer: WriterHandle, health: Health) -> Result<BusTask, BusError> {
+    pub fn new(
+        config: &Config,
+        bus: &Bus,
+        store: &Store,
+        writer: WriterHandle,
+        health: Health,
+    ) -> Result<BusTask, BusError> {
         let mut devices = Vec::new();
         let start = Instant::now();
-        for (i, d) in config.devices.iter().filter(|d| d.bus == bus.name).enumerate() {
-            let Some(profile) = config.profile_of(d).cloned() else { continue };
+        for (i, d) in config
+            .devices
+            .iter()
+            .filter(|d| d.bus == bus.name)
+            .enumerate()
+        {
+            let Some(profile) = config.profile_of(d).cloned() else {
+                continue;
+            };
             let plan = ReadPlan::new(&profile, bus.max_gap).map_err(|error| BusError::Plan {
                 device: d.name.clone(),
                 error,
@@ -102,7 +117,13 @@ impl BusTask {
                 failures_in_row: 0,
             });
             let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-            h.insert(d.name.clone(), DeviceHealth { bus: bus.name.clone(), ..Default::default() });
+            h.insert(
+                d.name.clone(),
+                DeviceHealth {
+                    bus: bus.name.clone(),
+                    ..Default::default()
+                },
+            );
         }
         Ok(BusTask {
             cfg: bus.clone(),
@@ -146,7 +167,11 @@ impl BusTask {
         let probing = dev.failures_in_row > 0;
         // A device that stopped answering gets one probe transaction, no retries.
         let retries = if probing { 0 } else { self.cfg.retries };
-        let spans: Vec<_> = if probing { dev.plan.spans.iter().take(1).copied().collect() } else { dev.plan.spans.clone() };
+        let spans: Vec<_> = if probing {
+            dev.plan.spans.iter().take(1).copied().collect()
+        } else {
+            dev.plan.spans.clone()
+        };
         let mut raws: Vec<Raw> = Vec::with_capacity(spans.len());
         let mut error: Option<TxError> = None;
         'spans: for span in spans {
@@ -156,7 +181,12 @@ impl BusTask {
                     return false;
                 }
                 let r = self.link.read(dev.cfg.unit, span).await;
-                crate::metrics::count("floorgate_bus_transactions_total", "Modbus transactions.", &[("bus", &bus)], 1);
+                crate::metrics::count(
+                    "floorgate_bus_transactions_total",
+                    "Modbus transactions.",
+                    &[("bus", &bus)],
+                    1,
+                );
                 match r {
                     Ok(raw) => {
                         raws.push(raw);

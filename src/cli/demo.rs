@@ -36,20 +36,51 @@ pub(super) struct Args {
 fn describe(e: &serde_json::Value) -> String {
     let kind = e["kind"].as_str().unwrap_or("?");
     let detail = match kind {
-        "counter" => format!("{} +{} (total {}){}", e["point"].as_str().unwrap_or(""), e["delta"], e["total"], if e["reset"] == true { " RESET" } else { "" }),
-        "alarm" => format!("{} {} [{}] value {}", e["alarm"].as_str().unwrap_or(""), e["state"].as_str().unwrap_or(""), e["severity"].as_str().unwrap_or(""), e["value"]),
-        "device" => format!("{}{}", e["state"].as_str().unwrap_or(""), e["error"].as_str().map(|x| format!(" ({x})")).unwrap_or_default()),
-        "gap" => format!("{} dropped (seq {}..{})", e["dropped"], e["first_seq"], e["last_seq"]),
+        "counter" => format!(
+            "{} +{} (total {}){}",
+            e["point"].as_str().unwrap_or(""),
+            e["delta"],
+            e["total"],
+            if e["reset"] == true { " RESET" } else { "" }
+        ),
+        "alarm" => format!(
+            "{} {} [{}] value {}",
+            e["alarm"].as_str().unwrap_or(""),
+            e["state"].as_str().unwrap_or(""),
+            e["severity"].as_str().unwrap_or(""),
+            e["value"]
+        ),
+        "device" => format!(
+            "{}{}",
+            e["state"].as_str().unwrap_or(""),
+            e["error"]
+                .as_str()
+                .map(|x| format!(" ({x})"))
+                .unwrap_or_default()
+        ),
+        "gap" => format!(
+            "{} dropped (seq {}..{})",
+            e["dropped"], e["first_seq"], e["last_seq"]
+        ),
         _ => {
             let v = e["values"].to_string();
             if v.len() > 90 {
-                format!("{}…", &v[..v.char_indices().nth(89).map_or(v.len(), |(i, _)| i)])
+                format!(
+                    "{}…",
+                    &v[..v.char_indices().nth(89).map_or(v.len(), |(i, _)| i)]
+                )
             } else {
                 v
             }
         }
     };
-    format!("{:>7}  {:<12} {:<9} {}", e["seq"], e["device"].as_str().unwrap_or("-"), kind, detail)
+    format!(
+        "{:>7}  {:<12} {:<9} {}",
+        e["seq"],
+        e["device"].as_str().unwrap_or("-"),
+        kind,
+        detail
+    )
 }
 
 pub(super) async fn run(a: Args) -> Result<(), Failure> {
@@ -61,8 +92,10 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
     // The floor: one RS485 line (pseudo-terminal) and one Modbus TCP segment, a busy day in minutes.
     let ts = TimeScale::compressed(Duration::from_secs(240)).with_rate(3.0);
     let mut rtu_floor = SimFloor::new(2, 1);
-    rtu_floor.timescale = ts.clone();
-    let (pty, _) = rtu_floor.start_pty(shutdown.clone()).map_err(|e| Failure::new(format!("cannot open a pseudo-terminal: {e}")))?;
+    rtu_floor.timescale = ts;
+    let (pty, _) = rtu_floor
+        .start_pty(shutdown.clone())
+        .map_err(|e| Failure::new(format!("cannot open a pseudo-terminal: {e}")))?;
     let mut tcp_floor = SimFloor::new(1, 1);
     tcp_floor.timescale = ts;
     let (tcp, _) = tcp_floor
@@ -75,7 +108,8 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
     let profiles = dir.path().join("profiles");
     std::fs::create_dir_all(&profiles).map_err(Failure::new)?;
     std::fs::write(profiles.join("bag_dispenser.toml"), BAG_PROFILE).map_err(Failure::new)?;
-    std::fs::write(profiles.join("charging_cabinet.toml"), CABINET_PROFILE).map_err(Failure::new)?;
+    std::fs::write(profiles.join("charging_cabinet.toml"), CABINET_PROFILE)
+        .map_err(Failure::new)?;
     let config_text = format!(
         r#"[gateway]
 id = "demo-gw"
@@ -148,15 +182,27 @@ poll = "500ms"
     std::fs::write(&config_path, &config_text).map_err(Failure::new)?;
     let config = crate::config::load(&config_path).map_err(Failure::config)?;
     let store = Arc::new(
-        Store::open(&config.gateway.state_dir, config.store.cache_bytes, config.store.max_bytes).map_err(Failure::new)?,
+        Store::open(
+            &config.gateway.state_dir,
+            config.store.cache_bytes,
+            config.store.max_bytes,
+        )
+        .map_err(Failure::new)?,
     );
     let shared = Shared {
         store: store.clone(),
         health: Default::default(),
     };
     println!("floorgate demo");
-    println!("  floor:  3 devices on RS485 ({}), 2 on Modbus TCP ({tcp})", pty.display());
-    println!("  broker: embedded MQTT 5 on {broker_addr}; uplink outage at +{}s for {}s", a.outage_after.as_secs(), a.outage_for.as_secs());
+    println!(
+        "  floor:  3 devices on RS485 ({}), 2 on Modbus TCP ({tcp})",
+        pty.display()
+    );
+    println!(
+        "  broker: embedded MQTT 5 on {broker_addr}; uplink outage at +{}s for {}s",
+        a.outage_after.as_secs(),
+        a.outage_for.as_secs()
+    );
     println!("  store:  {}", config.gateway.state_dir.display());
     println!("  config: {}\n", config_path.display());
     println!("{:>7}  {:<12} {:<9} detail", "seq", "device", "kind");
@@ -238,7 +284,11 @@ poll = "500ms"
         Ok(Err(e)) => return Err(Failure::new(e)),
         Err(e) => return Err(Failure::new(e)),
     }
-    println!("\ndemo finished: {} events delivered, {} still stored", seen.len(), store.stats().events);
+    println!(
+        "\ndemo finished: {} events delivered, {} still stored",
+        seen.len(),
+        store.stats().events
+    );
     Ok(())
 }
 

@@ -46,21 +46,34 @@ pub struct Failure {
 impl Failure {
     /// A generic failure (exit 1).
     pub fn new(message: impl std::fmt::Display) -> Failure {
-        Failure { code: 1, message: message.to_string() }
+        Failure {
+            code: 1,
+            message: message.to_string(),
+        }
     }
     /// A configuration failure (exit 78).
     pub fn config(message: impl std::fmt::Display) -> Failure {
-        Failure { code: EX_CONFIG, message: message.to_string() }
+        Failure {
+            code: EX_CONFIG,
+            message: message.to_string(),
+        }
     }
 }
 
 fn init_logging(format: Option<&str>, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FLOORGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let format = format
-        .map(str::to_string)
-        .unwrap_or_else(|| if std::env::var_os("JOURNAL_STREAM").is_some() { "journal".into() } else { "human".into() });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("FLOORGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let format = format.map(str::to_string).unwrap_or_else(|| {
+        if std::env::var_os("JOURNAL_STREAM").is_some() {
+            "journal".into()
+        } else {
+            "human".into()
+        }
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format.as_str() {
         "json" => builder.json().try_init(),
         // journald stamps time and host itself.
@@ -73,7 +86,10 @@ fn init_logging(format: Option<&str>, default_level: &str) {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Demo(_));
-    init_logging(cli.log_format.as_deref(), if quiet { "error" } else { "info" });
+    init_logging(
+        cli.log_format.as_deref(),
+        if quiet { "error" } else { "info" },
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

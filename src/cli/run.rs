@@ -13,9 +13,11 @@ pub(super) struct Args {
 }
 
 pub(super) async fn run(a: Args) -> Result<(), Failure> {
-    daemon::run(RunOptions { config: a.config }).await.map_err(|e| match e {
-        DaemonError::Config(c) => Failure::config(c),
-        DaemonError::Uplink(u) => Failure::config(format!("uplink: {u}")),
-        other => Failure::new(other),
-    })
+    daemon::run(RunOptions { config: a.config })
+        .await
+        .map_err(|e| match e {
+            DaemonError::Config(c) => Failure::config(c),
+            DaemonError::Uplink(u) => Failure::config(format!("uplink: {u}")),
+            other => Failure::new(other),
+        })
 }

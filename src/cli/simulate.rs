@@ -51,9 +51,18 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
     if a.line_timing {
         floor.rtu.line = Some(LineTiming { baud: a.baud });
     }
-    let units = |first: usize, n: usize| if n == 0 { "-".to_string() } else { format!("{}..={}", first, first + n - 1) };
+    let units = |first: usize, n: usize| {
+        if n == 0 {
+            "-".to_string()
+        } else {
+            format!("{}..={}", first, first + n - 1)
+        }
+    };
     let where_ = if let Some(addr) = a.tcp {
-        let (addr, _) = floor.start_tcp(addr, shutdown.clone()).await.map_err(|e| Failure::new(format!("cannot serve on {addr}: {e}")))?;
+        let (addr, _) = floor
+            .start_tcp(addr, shutdown.clone())
+            .await
+            .map_err(|e| Failure::new(format!("cannot serve on {addr}: {e}")))?;
         format!("Modbus TCP on {addr}")
     } else if let Some(port) = &a.port {
         floor
@@ -61,17 +70,32 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
             .map_err(|e| Failure::new(format!("cannot open {}: {e}", port.display())))?;
         format!("Modbus RTU on {} at {} baud", port.display(), a.baud)
     } else if a.pty {
-        let (path, _) = floor.start_pty(shutdown.clone()).map_err(|e| Failure::new(format!("cannot open a pseudo-terminal: {e}")))?;
+        let (path, _) = floor
+            .start_pty(shutdown.clone())
+            .map_err(|e| Failure::new(format!("cannot open a pseudo-terminal: {e}")))?;
         format!("Modbus RTU on pseudo-terminal {}", path.display())
     } else {
         let addr: SocketAddr = ([127, 0, 0, 1], 1502).into();
-        let (addr, _) = floor.start_tcp(addr, shutdown.clone()).await.map_err(|e| Failure::new(format!("cannot serve on {addr}: {e}")))?;
+        let (addr, _) = floor
+            .start_tcp(addr, shutdown.clone())
+            .await
+            .map_err(|e| Failure::new(format!("cannot serve on {addr}: {e}")))?;
         format!("Modbus TCP on {addr}")
     };
     println!("simulating {where_}");
-    println!("  bag dispensers:    units {}  (profile bag_dispenser)", units(1, a.bag));
-    println!("  charging cabinets: units {}  (profile charging_cabinet)", units(1 + a.bag, a.cabinet));
-    println!("  one day lasts {}, traffic x{}; Ctrl-C to stop", humantime::format_duration(a.day), a.rate);
+    println!(
+        "  bag dispensers:    units {}  (profile bag_dispenser)",
+        units(1, a.bag)
+    );
+    println!(
+        "  charging cabinets: units {}  (profile charging_cabinet)",
+        units(1 + a.bag, a.cabinet)
+    );
+    println!(
+        "  one day lasts {}, traffic x{}; Ctrl-C to stop",
+        humantime::format_duration(a.day),
+        a.rate
+    );
     let _ = tokio::signal::ctrl_c().await;
     shutdown.cancel();
     Ok(())

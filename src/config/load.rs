@@ -27,7 +27,12 @@ impl Sources {
     }
 
     /// Records a problem at a byte span of a file.
-    pub(crate) fn error(&mut self, file: FileId, span: Option<Range<usize>>, message: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        file: FileId,
+        span: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) {
         let (path, text) = &self.files[file];
         let (line, col) = match span {
             Some(span) => line_col(text, span.start),
@@ -121,7 +126,11 @@ fn parse_doc<'a>(src: &mut Sources, file: FileId, text: &'a str) -> Option<DeTab
     None
 }
 
-fn de<T: DeserializeOwned>(src: &mut Sources, file: FileId, value: Spanned<DeValue<'_>>) -> Option<T> {
+fn de<T: DeserializeOwned>(
+    src: &mut Sources,
+    file: FileId,
+    value: Spanned<DeValue<'_>>,
+) -> Option<T> {
     let span = value.span();
     match T::deserialize(ValueDeserializer::from(value)) {
         Ok(v) => Some(v),
@@ -140,12 +149,21 @@ fn de_spanned<T: DeserializeOwned>(
     de::<Spanned<T>>(src, file, value)
 }
 
-fn elements<'a>(src: &mut Sources, file: FileId, key: &str, value: Spanned<DeValue<'a>>) -> Vec<Spanned<DeValue<'a>>> {
+fn elements<'a>(
+    src: &mut Sources,
+    file: FileId,
+    key: &str,
+    value: Spanned<DeValue<'a>>,
+) -> Vec<Spanned<DeValue<'a>>> {
     let span = value.span();
     match value.into_inner() {
         DeValue::Array(items) => items.iter().cloned().collect(),
         _ => {
-            src.error(file, Some(span), format!("`{key}` must be an array of tables ([[{key}]])"));
+            src.error(
+                file,
+                Some(span),
+                format!("`{key}` must be an array of tables ([[{key}]])"),
+            );
             Vec::new()
         }
     }
@@ -184,14 +202,22 @@ fn parse_main(src: &mut Sources, raw: &mut RawConfig, text: &str) {
         }
     }
     if raw.gateway.is_none() && src.errors.is_empty() {
-        src.error(file, None, "missing section [gateway] (it needs at least `id`)");
+        src.error(
+            file,
+            None,
+            "missing section [gateway] (it needs at least `id`)",
+        );
     }
 }
 
 fn profiles(src: &mut Sources, raw: &mut RawConfig, file: FileId, value: Spanned<DeValue<'_>>) {
     let span = value.span();
     let DeValue::Table(table) = value.into_inner() else {
-        src.error(file, Some(span), "`profiles` must be a table of profiles ([profiles.NAME])");
+        src.error(
+            file,
+            Some(span),
+            "`profiles` must be a table of profiles ([profiles.NAME])",
+        );
         return;
     };
     for (name, body) in table {
@@ -208,7 +234,11 @@ fn include(src: &mut Sources, raw: &mut RawConfig, base: &Path, pattern: &Spanne
     let paths = match glob::glob(&full) {
         Ok(paths) => paths,
         Err(e) => {
-            src.error(raw.main, Some(pattern.span()), format!("bad include pattern: {e}"));
+            src.error(
+                raw.main,
+                Some(pattern.span()),
+                format!("bad include pattern: {e}"),
+            );
             return;
         }
     };
@@ -218,14 +248,21 @@ fn include(src: &mut Sources, raw: &mut RawConfig, base: &Path, pattern: &Spanne
         src.error(
             raw.main,
             Some(pattern.span()),
-            format!("include pattern `{}` matches no file (looked for {full})", pattern.get_ref()),
+            format!(
+                "include pattern `{}` matches no file (looked for {full})",
+                pattern.get_ref()
+            ),
         );
     }
     for path in found {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
-                src.error(raw.main, Some(pattern.span()), format!("cannot read {}: {e}", path.display()));
+                src.error(
+                    raw.main,
+                    Some(pattern.span()),
+                    format!("cannot read {}: {e}", path.display()),
+                );
                 continue;
             }
         };
@@ -240,7 +277,10 @@ fn include(src: &mut Sources, raw: &mut RawConfig, base: &Path, pattern: &Spanne
                 src.error(
                     file,
                     Some(key.span()),
-                    format!("an included file may only hold [profiles.NAME], not `{}`", key.get_ref()),
+                    format!(
+                        "an included file may only hold [profiles.NAME], not `{}`",
+                        key.get_ref()
+                    ),
                 );
             }
         }

@@ -18,8 +18,7 @@ const BAUDS: &[u32] = &[1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 1152
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
@@ -28,26 +27,41 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
     let source = src.path(main).to_path_buf();
     // Without a usable [gateway] the rest is still checked, against a placeholder.
     let gateway_ok = raw.gateway.is_some();
-    let gw = raw.gateway.map(Spanned::into_inner).unwrap_or_else(|| super::raw::RawGateway {
-        id: Spanned::new(0..0, "unknown".into()),
-        site: None,
-        state_dir: None,
-        groups: Vec::new(),
-        include: Vec::new(),
-        control_socket: None,
-    });
-    for (what, value) in std::iter::once(("gateway id", &gw.id)).chain(gw.site.iter().map(|s| ("site", s))) {
+    let gw = raw
+        .gateway
+        .map(Spanned::into_inner)
+        .unwrap_or_else(|| super::raw::RawGateway {
+            id: Spanned::new(0..0, "unknown".into()),
+            site: None,
+            state_dir: None,
+            groups: Vec::new(),
+            include: Vec::new(),
+            control_socket: None,
+        });
+    for (what, value) in
+        std::iter::once(("gateway id", &gw.id)).chain(gw.site.iter().map(|s| ("site", s)))
+    {
         if !valid_id(value.get_ref()) {
             src.error(
                 main,
                 Some(value.span()),
-                format!("{what} {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'", value.get_ref()),
+                format!(
+                    "{what} {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    value.get_ref()
+                ),
             );
         }
     }
     for g in &gw.groups {
         if !valid_id(g.get_ref()) {
-            src.error(main, Some(g.span()), format!("group name {:?} must be letters, digits, '-', '_' or '.'", g.get_ref()));
+            src.error(
+                main,
+                Some(g.span()),
+                format!(
+                    "group name {:?} must be letters, digits, '-', '_' or '.'",
+                    g.get_ref()
+                ),
+            );
         }
     }
     let state_dir = PathBuf::from(gw.state_dir.unwrap_or_else(|| "/var/lib/floorgate".into()));
@@ -57,7 +71,10 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         .unwrap_or_else(|| state_dir.join("control.sock"));
     let gateway = Gateway {
         id: gw.id.get_ref().clone(),
-        site: gw.site.map(|s| s.into_inner()).unwrap_or_else(|| "default".into()),
+        site: gw
+            .site
+            .map(|s| s.into_inner())
+            .unwrap_or_else(|| "default".into()),
         state_dir,
         groups: gw.groups.into_iter().map(Spanned::into_inner).collect(),
         control_socket,
@@ -68,7 +85,11 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         let max_bytes = s.max_bytes.as_ref().map_or(256 << 20, |v| v.get_ref().0);
         if let Some(v) = &s.max_bytes {
             if max_bytes < 64 << 10 {
-                src.error(main, Some(v.span()), "store.max_bytes must be at least 64KiB");
+                src.error(
+                    main,
+                    Some(v.span()),
+                    "store.max_bytes must be at least 64KiB",
+                );
             }
         }
         let commit_interval = s
@@ -76,8 +97,14 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
             .as_ref()
             .map_or(Duration::from_millis(50), |v| v.get_ref().0);
         if let Some(v) = &s.commit_interval {
-            if commit_interval < Duration::from_millis(1) || commit_interval > Duration::from_secs(10) {
-                src.error(main, Some(v.span()), "store.commit_interval must be between 1ms and 10s");
+            if commit_interval < Duration::from_millis(1)
+                || commit_interval > Duration::from_secs(10)
+            {
+                src.error(
+                    main,
+                    Some(v.span()),
+                    "store.commit_interval must be between 1ms and 10s",
+                );
             }
         }
         Store {
@@ -108,7 +135,11 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         let span = b.span();
         let b = b.into_inner();
         if !bus_names.insert(b.name.get_ref().clone()) {
-            src.error(main, Some(b.name.span()), format!("duplicate bus name {:?}", b.name.get_ref()));
+            src.error(
+                main,
+                Some(b.name.span()),
+                format!("duplicate bus name {:?}", b.name.get_ref()),
+            );
         }
         if let Some(bus) = bus(src, main, span, b) {
             buses.push(bus);
@@ -119,7 +150,11 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
     let mut profile_files: HashMap<String, FileId> = HashMap::new();
     for (file, name, p) in raw.profiles {
         if profile_files.contains_key(name.get_ref()) {
-            src.error(file, Some(name.span()), format!("profile {:?} is defined twice", name.get_ref()));
+            src.error(
+                file,
+                Some(name.span()),
+                format!("profile {:?} is defined twice", name.get_ref()),
+            );
             continue;
         }
         profile_files.insert(name.get_ref().clone(), file);
@@ -134,14 +169,33 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
     for d in raw.devices {
         let d = d.into_inner();
         if !valid_id(d.name.get_ref()) {
-            src.error(main, Some(d.name.span()), format!("device name {:?} must be letters, digits, '-', '_' or '.'", d.name.get_ref()));
+            src.error(
+                main,
+                Some(d.name.span()),
+                format!(
+                    "device name {:?} must be letters, digits, '-', '_' or '.'",
+                    d.name.get_ref()
+                ),
+            );
         }
         if !names.insert(d.name.get_ref().clone()) {
-            src.error(main, Some(d.name.span()), format!("duplicate device name {:?}", d.name.get_ref()));
+            src.error(
+                main,
+                Some(d.name.span()),
+                format!("duplicate device name {:?}", d.name.get_ref()),
+            );
         }
         if !bus_names.contains(d.bus.get_ref()) {
             let known: Vec<&str> = buses.iter().map(|b| b.name.as_str()).collect();
-            src.error(main, Some(d.bus.span()), format!("unknown bus {:?} (buses: {})", d.bus.get_ref(), known.join(", ")));
+            src.error(
+                main,
+                Some(d.bus.span()),
+                format!(
+                    "unknown bus {:?} (buses: {})",
+                    d.bus.get_ref(),
+                    known.join(", ")
+                ),
+            );
         }
         if !profile_files.contains_key(d.profile.get_ref()) {
             let known: Vec<&String> = profile_files.keys().collect();
@@ -151,9 +205,16 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         if !(1..=247).contains(&unit) {
             src.error(main, Some(d.unit.span()), "unit must be between 1 and 247");
         } else if !units.insert((d.bus.get_ref().clone(), unit)) {
-            src.error(main, Some(d.unit.span()), format!("unit {unit} is used twice on bus {:?}", d.bus.get_ref()));
+            src.error(
+                main,
+                Some(d.unit.span()),
+                format!("unit {unit} is used twice on bus {:?}", d.bus.get_ref()),
+            );
         }
-        let poll = d.poll.as_ref().map_or(Duration::from_secs(1), |p| p.get_ref().0);
+        let poll = d
+            .poll
+            .as_ref()
+            .map_or(Duration::from_secs(1), |p| p.get_ref().0);
         if let Some(p) = &d.poll {
             if poll < Duration::from_millis(10) {
                 src.error(main, Some(p.span()), "poll must be at least 10ms");
@@ -196,7 +257,13 @@ fn uplink(
     } else if let Some(rest) = url.strip_prefix("mqtt://") {
         (false, rest)
     } else {
-        src.error(main, Some(u.url.span()), format!("uplink.url {url:?} must start with mqtts:// (or mqtt:// with allow_plaintext)"));
+        src.error(
+            main,
+            Some(u.url.span()),
+            format!(
+                "uplink.url {url:?} must start with mqtts:// (or mqtt:// with allow_plaintext)"
+            ),
+        );
         return None;
     };
     if !tls && !u.allow_plaintext {
@@ -207,7 +274,11 @@ fn uplink(
         Some((h, p)) => match p.parse::<u16>() {
             Ok(p) => (h.trim_matches(|c| c == '[' || c == ']').to_string(), p),
             Err(_) => {
-                src.error(main, Some(u.url.span()), format!("bad port in uplink.url {url:?}"));
+                src.error(
+                    main,
+                    Some(u.url.span()),
+                    format!("bad port in uplink.url {url:?}"),
+                );
                 return None;
             }
         },
@@ -217,7 +288,11 @@ fn uplink(
         src.error(main, Some(u.url.span()), "uplink.url has no host");
     }
     if u.cert_file.is_some() != u.key_file.is_some() {
-        src.error(main, Some(u.url.span()), "uplink.cert_file and uplink.key_file go together (mTLS needs both)");
+        src.error(
+            main,
+            Some(u.url.span()),
+            "uplink.cert_file and uplink.key_file go together (mTLS needs both)",
+        );
     }
     let prefix = u
         .topic_prefix
@@ -227,29 +302,52 @@ fn uplink(
         .replace("{gateway}", &gateway.id);
     if prefix.is_empty() || prefix.contains('+') || prefix.contains('#') || prefix.ends_with('/') {
         let span = u.topic_prefix.as_ref().map(|p| p.span());
-        src.error(main, span, format!("topic_prefix {prefix:?} must be a topic without wildcards or a trailing '/'"));
+        src.error(
+            main,
+            span,
+            format!("topic_prefix {prefix:?} must be a topic without wildcards or a trailing '/'"),
+        );
     }
     let max_batch = u.max_batch.as_ref().map_or(100, |b| *b.get_ref());
     if let Some(b) = &u.max_batch {
         if !(1..=10_000).contains(&max_batch) {
-            src.error(main, Some(b.span()), "uplink.max_batch must be between 1 and 10000");
+            src.error(
+                main,
+                Some(b.span()),
+                "uplink.max_batch must be between 1 and 10000",
+            );
         }
     }
-    let keep_alive = u.keep_alive.as_ref().map_or(Duration::from_secs(30), |k| k.get_ref().0);
+    let keep_alive = u
+        .keep_alive
+        .as_ref()
+        .map_or(Duration::from_secs(30), |k| k.get_ref().0);
     if let Some(k) = &u.keep_alive {
         if keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(65535) {
-            src.error(main, Some(k.span()), "uplink.keep_alive must be between 5s and 18h");
+            src.error(
+                main,
+                Some(k.span()),
+                "uplink.keep_alive must be between 5s and 18h",
+            );
         }
     }
     let max_inflight = u.max_inflight.as_ref().map_or(32, |m| *m.get_ref());
     if let Some(m) = &u.max_inflight {
         if max_inflight == 0 {
-            src.error(main, Some(m.span()), "uplink.max_inflight must be at least 1");
+            src.error(
+                main,
+                Some(m.span()),
+                "uplink.max_inflight must be at least 1",
+            );
         }
     }
     if let Some(k) = &u.config_public_key {
         if crate::uplink::remote::decode_public_key(k.get_ref()).is_err() {
-            src.error(main, Some(k.span()), "uplink.config_public_key must be the base64 of a 32-byte ed25519 public key");
+            src.error(
+                main,
+                Some(k.span()),
+                "uplink.config_public_key must be the base64 of a 32-byte ed25519 public key",
+            );
         }
     }
     Some(Uplink {
@@ -265,7 +363,9 @@ fn uplink(
         keep_alive,
         max_batch: max_batch as usize,
         max_inflight,
-        reconnect_max: u.reconnect_max.map_or(Duration::from_secs(60), |r| r.into_inner().0),
+        reconnect_max: u
+            .reconnect_max
+            .map_or(Duration::from_secs(60), |r| r.into_inner().0),
         config_public_key: u.config_public_key.map(Spanned::into_inner),
     })
 }
@@ -277,7 +377,11 @@ fn bus(src: &mut Sources, main: FileId, span: std::ops::Range<usize>, b: RawBus)
             let baud = rtu.baud.as_ref().map_or(9600, |b| *b.get_ref());
             if let Some(bs) = &rtu.baud {
                 if !BAUDS.contains(&baud) {
-                    src.error(main, Some(bs.span()), format!("baud {baud} is not one of {BAUDS:?}"));
+                    src.error(
+                        main,
+                        Some(bs.span()),
+                        format!("baud {baud} is not one of {BAUDS:?}"),
+                    );
                 }
             }
             let parity = match rtu.parity.as_ref().map(|p| p.get_ref().as_str()) {
@@ -286,7 +390,11 @@ fn bus(src: &mut Sources, main: FileId, span: std::ops::Range<usize>, b: RawBus)
                 Some("odd") => Parity::Odd,
                 Some(other) => {
                     let span = rtu.parity.as_ref().map(|p| p.span());
-                    src.error(main, span, format!("parity {other:?} must be none, even or odd"));
+                    src.error(
+                        main,
+                        span,
+                        format!("parity {other:?} must be none, even or odd"),
+                    );
                     Parity::None
                 }
             };
@@ -313,22 +421,33 @@ fn bus(src: &mut Sources, main: FileId, span: std::ops::Range<usize>, b: RawBus)
         (None, Some(tcp)) => {
             let tcp = tcp.into_inner();
             if !tcp.address.get_ref().contains(':') {
-                src.error(main, Some(tcp.address.span()), "tcp.address must be HOST:PORT");
+                src.error(
+                    main,
+                    Some(tcp.address.span()),
+                    "tcp.address must be HOST:PORT",
+                );
             }
             BusKind::Tcp {
                 address: tcp.address.into_inner(),
             }
         }
         _ => {
-            src.error(main, Some(span), format!("bus {:?} needs exactly one of `rtu = {{...}}` or `tcp = {{...}}`", b.name.get_ref()));
+            src.error(
+                main,
+                Some(span),
+                format!(
+                    "bus {:?} needs exactly one of `rtu = {{...}}` or `tcp = {{...}}`",
+                    b.name.get_ref()
+                ),
+            );
             return None;
         }
     };
     let is_tcp = matches!(kind, BusKind::Tcp { .. });
-    let timeout = b
-        .timeout
-        .as_ref()
-        .map_or(Duration::from_millis(if is_tcp { 1000 } else { 300 }), |t| t.get_ref().0);
+    let timeout = b.timeout.as_ref().map_or(
+        Duration::from_millis(if is_tcp { 1000 } else { 300 }),
+        |t| t.get_ref().0,
+    );
     if let Some(t) = &b.timeout {
         if timeout < Duration::from_millis(5) || timeout > Duration::from_secs(30) {
             src.error(main, Some(t.span()), "timeout must be between 5ms and 30s");
@@ -341,7 +460,9 @@ fn bus(src: &mut Sources, main: FileId, span: std::ops::Range<usize>, b: RawBus)
         retries: b.retries.unwrap_or(1),
         turnaround: b.turnaround.map_or(Duration::ZERO, |t| t.into_inner().0),
         max_gap: b.max_gap.unwrap_or(8),
-        backoff_max: b.backoff_max.map_or(Duration::from_secs(60), |t| t.into_inner().0),
+        backoff_max: b
+            .backoff_max
+            .map_or(Duration::from_secs(60), |t| t.into_inner().0),
     })
 }
 
@@ -359,7 +480,11 @@ fn profile(src: &mut Sources, file: FileId, name: &str, p: RawProfile) -> Option
     for (i, pt) in points.iter().enumerate() {
         if let Some(j) = seen.insert(pt.name.clone(), i) {
             let _ = j;
-            src.error(file, Some(spans[i].clone()), format!("point {:?} is defined twice in profile {name:?}", pt.name));
+            src.error(
+                file,
+                Some(spans[i].clone()),
+                format!("point {:?} is defined twice in profile {name:?}", pt.name),
+            );
         }
     }
     // Overlaps: two points on the same registers, unless both are distinct bits of one register.
@@ -377,7 +502,14 @@ fn profile(src: &mut Sources, file: FileId, name: &str, p: RawProfile) -> Option
                     src.error(
                         file,
                         Some(spans[i].clone()),
-                        format!("point {:?} overlaps point {:?} ({} {}..{})", a.name, b.name, a.table.as_str(), b0, b1),
+                        format!(
+                            "point {:?} overlaps point {:?} ({} {}..{})",
+                            a.name,
+                            b.name,
+                            a.table.as_str(),
+                            b0,
+                            b1
+                        ),
                     );
                 }
             }
@@ -389,7 +521,11 @@ fn profile(src: &mut Sources, file: FileId, name: &str, p: RawProfile) -> Option
         let span = ra.span();
         let ra = ra.into_inner();
         if !alarm_names.insert(ra.name.get_ref().clone()) {
-            src.error(file, Some(ra.name.span()), format!("alarm {:?} is defined twice", ra.name.get_ref()));
+            src.error(
+                file,
+                Some(ra.name.span()),
+                format!("alarm {:?} is defined twice", ra.name.get_ref()),
+            );
         }
         if let Some(a) = alarm(src, file, span, ra, &points) {
             alarms.push(a);
@@ -426,15 +562,30 @@ fn expand_point(src: &mut Sources, file: FileId, p: RawPoint) -> Vec<Point> {
         fail(src, "`len` is only for type string".into());
     }
     if p.table.is_bit() && p.ty != DataType::Bool {
-        fail(src, format!("table {} holds single bits: type must be bool", p.table.as_str()));
+        fail(
+            src,
+            format!(
+                "table {} holds single bits: type must be bool",
+                p.table.as_str()
+            ),
+        );
     }
     if let Some(bit) = p.bit {
         if p.table.is_bit() || p.ty != DataType::Bool || bit > 15 {
-            fail(src, "`bit` (0-15) picks one bit of a register: only for type bool on holding/input".into());
+            fail(
+                src,
+                "`bit` (0-15) picks one bit of a register: only for type bool on holding/input"
+                    .into(),
+            );
         }
     }
     let width = if p.table.is_bit() { 1 } else { p.ty.width(len) };
-    if p.order.is_some() && width < 2 && p.ty != DataType::String && p.ty != DataType::U16 && p.ty != DataType::I16 {
+    if p.order.is_some()
+        && width < 2
+        && p.ty != DataType::String
+        && p.ty != DataType::U16
+        && p.ty != DataType::I16
+    {
         fail(src, "`order` only applies to multi-register values".into());
     }
     let kind = p.kind.unwrap_or(match p.ty {
@@ -443,7 +594,10 @@ fn expand_point(src: &mut Sources, file: FileId, p: RawPoint) -> Vec<Point> {
     });
     let scaled = p.scale.is_some_and(|s| s != 1.0) || p.offset.is_some_and(|o| o != 0.0);
     if kind == PointKind::Counter && (!p.ty.is_integer() || scaled) {
-        fail(src, "a counter must be an unscaled integer type (u16 u32 u64 i16 i32 i64)".into());
+        fail(
+            src,
+            "a counter must be an unscaled integer type (u16 u32 u64 i16 i32 i64)".into(),
+        );
     }
     if p.scale == Some(0.0) {
         fail(src, "scale must not be 0".into());
@@ -451,8 +605,16 @@ fn expand_point(src: &mut Sources, file: FileId, p: RawPoint) -> Vec<Point> {
     if p.deadband.is_some_and(|d| d < 0.0 || !d.is_finite()) {
         fail(src, "deadband must be a non-negative number".into());
     }
-    if p.writable && !matches!(p.table, crate::device::codec::Table::Holding | crate::device::codec::Table::Coil) {
-        fail(src, "only holding registers and coils can be writable".into());
+    if p.writable
+        && !matches!(
+            p.table,
+            crate::device::codec::Table::Holding | crate::device::codec::Table::Coil
+        )
+    {
+        fail(
+            src,
+            "only holding registers and coils can be writable".into(),
+        );
     }
     let count = p.count.unwrap_or(1);
     let stride = p.stride.unwrap_or(width);
@@ -460,10 +622,16 @@ fn expand_point(src: &mut Sources, file: FileId, p: RawPoint) -> Vec<Point> {
         fail(src, "count must be at least 1".into());
     }
     if count > 1 && !name.contains("{i}") {
-        fail(src, "a repeated point (count > 1) needs `{i}` in its name, e.g. \"slot{i}.present\"".into());
+        fail(
+            src,
+            "a repeated point (count > 1) needs `{i}` in its name, e.g. \"slot{i}.present\"".into(),
+        );
     }
     if count > 1 && stride < width && p.bit.is_none() {
-        fail(src, format!("stride {stride} is smaller than the point's width {width}"));
+        fail(
+            src,
+            format!("stride {stride} is smaller than the point's width {width}"),
+        );
     }
     let last = p.address as u32 + (count.max(1) as u32 - 1) * stride as u32 + width as u32;
     if last > 65536 {
@@ -496,11 +664,18 @@ fn expand_point(src: &mut Sources, file: FileId, p: RawPoint) -> Vec<Point> {
 /// Parses `POINT OP LITERAL`.
 pub(crate) fn parse_when(when: &str) -> Result<(String, Op, Value), String> {
     let when = when.trim();
-    let (point, rest) = when
-        .split_once(char::is_whitespace)
-        .ok_or_else(|| format!("`when` {when:?} must be `POINT OP LITERAL`, e.g. \"stock < 20\""))?;
+    let (point, rest) = when.split_once(char::is_whitespace).ok_or_else(|| {
+        format!("`when` {when:?} must be `POINT OP LITERAL`, e.g. \"stock < 20\"")
+    })?;
     let rest = rest.trim_start();
-    let ops = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)];
+    let ops = [
+        ("==", Op::Eq),
+        ("!=", Op::Ne),
+        ("<=", Op::Le),
+        (">=", Op::Ge),
+        ("<", Op::Lt),
+        (">", Op::Gt),
+    ];
     let (op, lit) = ops
         .iter()
         .find_map(|(s, op)| rest.strip_prefix(s).map(|l| (*op, l.trim())))
@@ -514,12 +689,20 @@ pub(crate) fn parse_when(when: &str) -> Result<(String, Op, Value), String> {
     } else if let Ok(f) = lit.parse::<f64>() {
         Value::Float(f)
     } else {
-        return Err(format!("`when` {when:?}: literal {lit:?} must be a number, true, false or a \"quoted string\""));
+        return Err(format!(
+            "`when` {when:?}: literal {lit:?} must be a number, true, false or a \"quoted string\""
+        ));
     };
     Ok((point.to_string(), op, literal))
 }
 
-fn alarm(src: &mut Sources, file: FileId, span: std::ops::Range<usize>, a: RawAlarm, points: &[Point]) -> Option<AlarmRule> {
+fn alarm(
+    src: &mut Sources,
+    file: FileId,
+    span: std::ops::Range<usize>,
+    a: RawAlarm,
+    points: &[Point],
+) -> Option<AlarmRule> {
     let (point, op, literal) = match parse_when(a.when.get_ref()) {
         Ok(v) => v,
         Err(e) => {
@@ -528,7 +711,14 @@ fn alarm(src: &mut Sources, file: FileId, span: std::ops::Range<usize>, a: RawAl
         }
     };
     let Some(pt) = points.iter().find(|p| p.name == point) else {
-        src.error(file, Some(a.when.span()), format!("alarm {:?} watches unknown point {point:?}", a.name.get_ref()));
+        src.error(
+            file,
+            Some(a.when.span()),
+            format!(
+                "alarm {:?} watches unknown point {point:?}",
+                a.name.get_ref()
+            ),
+        );
         return None;
     };
     let compatible = match (&literal, pt.ty) {

@@ -32,9 +32,17 @@ pub struct Deriver {
 }
 
 fn counter_delta(old: u64, new: u64, bits: u32) -> (u64, bool) {
-    let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     let delta = new.wrapping_sub(old) & mask;
-    let half = if bits >= 64 { 1u64 << 63 } else { 1u64 << (bits - 1) };
+    let half = if bits >= 64 {
+        1u64 << 63
+    } else {
+        1u64 << (bits - 1)
+    };
     if new < old && delta >= half {
         // Going down by more than half the range is a restart of the device counter, not a wrap.
         (new, true)
@@ -44,7 +52,11 @@ fn counter_delta(old: u64, new: u64, bits: u32) -> (u64, bool) {
 }
 
 fn as_counter(v: &Value, bits: u32) -> Option<u64> {
-    let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     match v {
         Value::UInt(u) => Some(*u & mask),
         Value::Int(i) => Some((*i as u64) & mask),
@@ -122,7 +134,13 @@ impl Deriver {
         let mut out = Vec::new();
         let came_online = !self.snap.online;
         if came_online {
-            out.push(Event::now(dev, Body::Device { state: DeviceState::Online, error: None }));
+            out.push(Event::now(
+                dev,
+                Body::Device {
+                    state: DeviceState::Online,
+                    error: None,
+                },
+            ));
             self.snap.online = true;
         }
         let mut states = BTreeMap::new();
@@ -142,17 +160,29 @@ impl Deriver {
                     if came_online {
                         states.insert(point.name.clone(), value.clone());
                     }
-                    match (old.and_then(|o| as_counter(o, bits)), as_counter(value, bits)) {
+                    match (
+                        old.and_then(|o| as_counter(o, bits)),
+                        as_counter(value, bits),
+                    ) {
                         (Some(o), Some(n)) if o != n => {
                             let (delta, reset) = counter_delta(o, n, bits);
-                            counters.push(Body::Counter { point: point.name.clone(), delta, total: n, reset });
+                            counters.push(Body::Counter {
+                                point: point.name.clone(),
+                                delta,
+                                total: n,
+                                reset,
+                            });
                         }
                         _ => {}
                     }
                 }
                 PointKind::Telemetry => {
                     let due = point.heartbeat.is_some_and(|hb| {
-                        let last = self.last_emit.get(&point.name).copied().unwrap_or(self.started);
+                        let last = self
+                            .last_emit
+                            .get(&point.name)
+                            .copied()
+                            .unwrap_or(self.started);
                         now.saturating_duration_since(last) >= hb
                     });
                     if came_online || due || moved(old, value, point.deadband) {
@@ -163,13 +193,23 @@ impl Deriver {
             }
         }
         if !states.is_empty() {
-            out.push(Event::now(dev, Body::State { values: states.clone() }));
+            out.push(Event::now(
+                dev,
+                Body::State {
+                    values: states.clone(),
+                },
+            ));
         }
         for c in counters {
             out.push(Event::now(dev, c));
         }
         if !telemetry.is_empty() {
-            out.push(Event::now(dev, Body::Telemetry { values: telemetry.clone() }));
+            out.push(Event::now(
+                dev,
+                Body::Telemetry {
+                    values: telemetry.clone(),
+                },
+            ));
         }
         for (point, value) in profile.points.iter().zip(values) {
             if let Some(v) = value {
@@ -203,7 +243,9 @@ impl Deriver {
             }
             AlarmState::Cleared
         };
-        self.snap.alarms.insert(rule.name.clone(), state == AlarmState::Raised);
+        self.snap
+            .alarms
+            .insert(rule.name.clone(), state == AlarmState::Raised);
         Some(Event::now(
             Some(&self.device),
             Body::Alarm {
@@ -250,6 +292,10 @@ mod tests {
         assert!(!compare(&Value::UInt(20), Op::Lt, &Value::Float(20.0)));
         assert!(compare(&Value::Bool(true), Op::Eq, &Value::Bool(true)));
         assert!(compare(&Value::Float(45.5), Op::Ge, &Value::Float(45.5)));
-        assert!(!compare(&Value::Str("a".into()), Op::Gt, &Value::Float(1.0)));
+        assert!(!compare(
+            &Value::Str("a".into()),
+            Op::Gt,
+            &Value::Float(1.0)
+        ));
     }
 }

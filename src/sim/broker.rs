@@ -62,7 +62,10 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 impl DemoBroker {
     /// Starts listening on `addr` (use port 0 for a free port).
-    pub async fn start(addr: SocketAddr, shutdown: CancellationToken) -> io::Result<(DemoBroker, SocketAddr)> {
+    pub async fn start(
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> io::Result<(DemoBroker, SocketAddr)> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let (feed, _) = broadcast::channel(4096);
@@ -110,7 +113,11 @@ impl DemoBroker {
     fn route(&self, p: &Publish) {
         let topic = String::from_utf8_lossy(&p.topic).to_string();
         if p.retain {
-            let mut r = self.inner.retained.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self
+                .inner
+                .retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if p.payload.is_empty() {
                 r.remove(&topic);
             } else {
@@ -218,7 +225,12 @@ impl DemoBroker {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(i, _, _)| *i != id);
         if let (Err(_), Some(w)) = (&result, will) {
-            let mut p = Publish::new(String::from_utf8_lossy(&w.topic).to_string(), w.qos, w.message.clone(), None);
+            let mut p = Publish::new(
+                String::from_utf8_lossy(&w.topic).to_string(),
+                w.qos,
+                w.message.clone(),
+                None,
+            );
             p.retain = w.retain;
             self.route(&p);
         }

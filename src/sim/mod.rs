@@ -7,8 +7,8 @@
 //! [`Model::init`] + [`run_model`].
 
 pub mod bag;
-pub mod broker;
 mod bank;
+pub mod broker;
 pub mod cabinet;
 mod device;
 mod floor;

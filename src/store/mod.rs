@@ -8,8 +8,8 @@
 
 mod writer;
 
-pub use writer::{Derived, Writer, WriterHandle};
 pub(crate) use writer::publish_gauges;
+pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
 use std::path::Path;
@@ -185,7 +185,11 @@ impl Store {
             let target = self.max_bytes / 10 * 9;
             let mut dropped_new = vec![false; added.len()];
             for class in [Class::Telemetry, Class::Keep] {
-                let prefix: &[u8] = if class == Class::Telemetry { b"t" } else { b"k" };
+                let prefix: &[u8] = if class == Class::Telemetry {
+                    b"t"
+                } else {
+                    b"k"
+                };
                 for item in self.tree.scan_prefix(prefix) {
                     if bytes <= target {
                         break;
@@ -239,7 +243,12 @@ impl Store {
             n_events += 1;
             added.push((k, v));
             seq += 1;
-            tracing::warn!(dropped, first_seq, last_seq, "store full: dropped oldest events");
+            tracing::warn!(
+                dropped,
+                first_seq,
+                last_seq,
+                "store full: dropped oldest events"
+            );
         }
         for (k, v) in &added {
             batch.insert(&k[..], v.as_slice());
@@ -268,7 +277,12 @@ impl Store {
     }
 
     /// Appends a `gap` event reporting events removed outside the bound (e.g. a purge).
-    pub fn commit_gap(&self, dropped: u64, first_seq: u64, last_seq: u64) -> Result<(), StoreError> {
+    pub fn commit_gap(
+        &self,
+        dropped: u64,
+        first_seq: u64,
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
         let e = Event::now(
             None,
             Body::Gap {
@@ -289,7 +303,9 @@ impl Store {
 
     /// Up to `max` stored events with seq >= `from`, in seq order.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let mut keep = self.tree.range(key(Class::Keep, from)..key(Class::Keep, u64::MAX));
+        let mut keep = self
+            .tree
+            .range(key(Class::Keep, from)..key(Class::Keep, u64::MAX));
         let mut tel = self
             .tree
             .range(key(Class::Telemetry, from)..key(Class::Telemetry, u64::MAX));

@@ -41,7 +41,10 @@ fn seqs_increase_and_are_never_reused_after_reopen() {
     };
     let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
     let r = s.commit(&[counter(3)], &[]).expect("commit");
-    assert_eq!(r.start, first.end, "seq continues after reopen even when the store is empty");
+    assert_eq!(
+        r.start, first.end,
+        "seq continues after reopen even when the store is empty"
+    );
     assert_eq!(s.stats().events, 1);
 }
 
@@ -50,7 +53,8 @@ fn snapshot_is_committed_with_events() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
-        s.commit(&[counter(1)], &[("d".into(), b"snap-1".to_vec())]).expect("commit");
+        s.commit(&[counter(1)], &[("d".into(), b"snap-1".to_vec())])
+            .expect("commit");
     }
     let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
     assert_eq!(s.snapshot("d").expect("get"), Some(b"snap-1".to_vec()));
@@ -61,10 +65,21 @@ fn snapshot_is_committed_with_events() {
 fn read_from_merges_classes_in_seq_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
-    s.commit(&[telemetry(1), counter(2), telemetry(3), counter(4)], &[]).expect("commit");
-    let seqs: Vec<u64> = s.read_from(0, 10).expect("read").iter().map(|e| e.seq).collect();
+    s.commit(&[telemetry(1), counter(2), telemetry(3), counter(4)], &[])
+        .expect("commit");
+    let seqs: Vec<u64> = s
+        .read_from(0, 10)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
-    let seqs: Vec<u64> = s.read_from(3, 10).expect("read").iter().map(|e| e.seq).collect();
+    let seqs: Vec<u64> = s
+        .read_from(3, 10)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(seqs, vec![3, 4]);
     assert_eq!(s.read_from(0, 2).expect("read").len(), 2);
 }
@@ -76,32 +91,57 @@ fn full_store_drops_oldest_telemetry_first_and_reports_the_gap() {
     let mut kept = 0;
     for round in 0..120u64 {
         let batch: Vec<Event> = (0..20)
-            .map(|i| if i == 0 { counter(round) } else { telemetry(round * 100 + i) })
+            .map(|i| {
+                if i == 0 {
+                    counter(round)
+                } else {
+                    telemetry(round * 100 + i)
+                }
+            })
             .collect();
         kept += 1;
         s.commit(&batch, &[]).expect("commit");
     }
     let stats = s.stats();
-    assert!(stats.bytes <= 64 << 10, "bound holds: {} bytes", stats.bytes);
+    assert!(
+        stats.bytes <= 64 << 10,
+        "bound holds: {} bytes",
+        stats.bytes
+    );
     assert!(stats.dropped > 0, "something was dropped");
     let all = s.read_from(0, usize::MAX).expect("read");
     let counters = all
         .iter()
         .filter(|e| String::from_utf8_lossy(&e.json).contains("\"kind\":\"counter\""))
         .count();
-    assert_eq!(counters, kept, "no counter event was dropped while telemetry was available");
+    assert_eq!(
+        counters, kept,
+        "no counter event was dropped while telemetry was available"
+    );
     let gaps: Vec<serde_json::Value> = all
         .iter()
         .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&e.json).ok())
         .filter(|v| v["kind"] == "gap")
         .collect();
-    let reported: u64 = gaps.iter().map(|g| g["dropped"].as_u64().unwrap_or(0)).sum();
-    assert_eq!(reported, stats.dropped, "every drop is reported by a gap event");
+    let reported: u64 = gaps
+        .iter()
+        .map(|g| g["dropped"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        reported, stats.dropped,
+        "every drop is reported by a gap event"
+    );
     let held: std::collections::HashSet<u64> = all.iter().map(|e| e.seq).collect();
     for g in &gaps {
-        let (a, b) = (g["first_seq"].as_u64().unwrap_or(0), g["last_seq"].as_u64().unwrap_or(0));
+        let (a, b) = (
+            g["first_seq"].as_u64().unwrap_or(0),
+            g["last_seq"].as_u64().unwrap_or(0),
+        );
         assert!(a <= b);
-        assert!(!held.contains(&a) && !held.contains(&b), "gap bounds name dropped events");
+        assert!(
+            !held.contains(&a) && !held.contains(&b),
+            "gap bounds name dropped events"
+        );
     }
 }
 

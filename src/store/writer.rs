@@ -112,13 +112,17 @@ impl Writer {
         .await;
         match result {
             Ok((_, Ok(()))) => {
-                self.failing.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.failing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 crate::metrics::STORE_COMMITS.inc();
                 publish_gauges(&self.store);
                 Vec::new()
             }
             Ok((pending, Err(error))) => {
-                if !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if !self
+                    .failing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::error!(%error, "cannot commit to the store; keeping events in memory and retrying");
                 }
                 crate::metrics::STORE_ERRORS.inc();
@@ -134,7 +138,10 @@ impl Writer {
 }
 
 fn commit_blocking(store: &Store, pending: &[Derived]) -> Result<(), StoreError> {
-    let events: Vec<Event> = pending.iter().flat_map(|d| d.events.iter().cloned()).collect();
+    let events: Vec<Event> = pending
+        .iter()
+        .flat_map(|d| d.events.iter().cloned())
+        .collect();
     let mut snaps: HashMap<&str, &[u8]> = HashMap::new();
     for d in pending {
         if let Some((dev, snap)) = &d.snapshot {
@@ -152,8 +159,28 @@ fn commit_blocking(store: &Store, pending: &[Derived]) -> Result<(), StoreError>
 /// Updates the store gauges (depth, bytes, drops).
 pub(crate) fn publish_gauges(store: &Store) {
     let st = store.stats();
-    crate::metrics::gauge("floorgate_store_events", "Events held in the store.", &[], st.events as f64);
-    crate::metrics::gauge("floorgate_store_bytes", "Bytes of events held in the store.", &[], st.bytes as f64);
-    crate::metrics::gauge("floorgate_store_next_seq", "Next sequence number.", &[], st.next_seq as f64);
-    crate::metrics::gauge("floorgate_store_dropped", "Events dropped because the store was full, since start.", &[], st.dropped as f64);
+    crate::metrics::gauge(
+        "floorgate_store_events",
+        "Events held in the store.",
+        &[],
+        st.events as f64,
+    );
+    crate::metrics::gauge(
+        "floorgate_store_bytes",
+        "Bytes of events held in the store.",
+        &[],
+        st.bytes as f64,
+    );
+    crate::metrics::gauge(
+        "floorgate_store_next_seq",
+        "Next sequence number.",
+        &[],
+        st.next_seq as f64,
+    );
+    crate::metrics::gauge(
+        "floorgate_store_dropped",
+        "Events dropped because the store was full, since start.",
+        &[],
+        st.dropped as f64,
+    );
 }

@@ -107,7 +107,12 @@ pub struct Uplink {
 
 impl Uplink {
     /// A new uplink for the gateway's events.
-    pub fn new(cfg: crate::config::Uplink, gateway: &str, store: Arc<Store>, birth: Vec<u8>) -> Uplink {
+    pub fn new(
+        cfg: crate::config::Uplink,
+        gateway: &str,
+        store: Arc<Store>,
+        birth: Vec<u8>,
+    ) -> Uplink {
         let (outbound_tx, outbound) = mpsc::channel(256);
         Uplink {
             cfg,
@@ -190,7 +195,11 @@ impl Uplink {
                 Err(error) => {
                     crate::metrics::CONNECT_FAILURES.inc();
                     tracing::warn!(%error, retry_in = ?backoff, "uplink session ended");
-                    *self.state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                    *self
+                        .state
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
                     if matches!(error, UplinkError::Tls(_) | UplinkError::Password { .. }) {
                         backoff = self.cfg.reconnect_max;
                     }
@@ -237,7 +246,10 @@ impl Uplink {
                 Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
                     if ack.code != ConnectReturnCode::Success {
-                        return Err(UplinkError::Session(format!("broker refused connection: {:?}", ack.code)));
+                        return Err(UplinkError::Session(format!(
+                            "broker refused connection: {:?}",
+                            ack.code
+                        )));
                     }
                     break;
                 }
@@ -262,7 +274,12 @@ impl Uplink {
                 .map_err(|e| UplinkError::Session(e.to_string()))?;
         }
         client
-            .try_publish(format!("{prefix}/status"), QoS::AtLeastOnce, true, self.birth.clone())
+            .try_publish(
+                format!("{prefix}/status"),
+                QoS::AtLeastOnce,
+                true,
+                self.birth.clone(),
+            )
             .map_err(|e| UplinkError::Session(e.to_string()))?;
         unassigned.push_back(Sent::Control);
 
@@ -290,7 +307,8 @@ impl Uplink {
                     client
                         .try_publish(events_topic.clone(), QoS::AtLeastOnce, false, body)
                         .map_err(|e| UplinkError::Session(e.to_string()))?;
-                    unassigned.push_back(Sent::Events(g.iter().map(|s| (s.seq, s.class)).collect()));
+                    unassigned
+                        .push_back(Sent::Events(g.iter().map(|s| (s.seq, s.class)).collect()));
                 }
             }
             if let Some(deadline) = draining {
@@ -298,7 +316,10 @@ impl Uplink {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    tracing::warn!(outstanding = unassigned.len() + inflight.len(), "stop: PUBACKs still outstanding; events stay stored");
+                    tracing::warn!(
+                        outstanding = unassigned.len() + inflight.len(),
+                        "stop: PUBACKs still outstanding; events stay stored"
+                    );
                     break;
                 }
             }
@@ -325,7 +346,12 @@ impl Uplink {
             }
         }
         // Graceful stop: say so (the will is only for unexpected loss), then disconnect.
-        let _ = client.try_publish(format!("{prefix}/status"), QoS::AtLeastOnce, true, br#"{"state":"offline"}"#.to_vec());
+        let _ = client.try_publish(
+            format!("{prefix}/status"),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"offline"}"#.to_vec(),
+        );
         let _ = client.try_disconnect();
         let deadline = Instant::now() + Duration::from_secs(2);
         while let Ok(Some(Ok(ev))) = tokio::time::timeout_at(deadline, events.recv()).await {
@@ -336,7 +362,12 @@ impl Uplink {
         Ok(())
     }
 
-    fn on_event(&mut self, ev: Event, unassigned: &mut VecDeque<Sent>, inflight: &mut HashMap<u16, Sent>) -> Result<(), UplinkError> {
+    fn on_event(
+        &mut self,
+        ev: Event,
+        unassigned: &mut VecDeque<Sent>,
+        inflight: &mut HashMap<u16, Sent>,
+    ) -> Result<(), UplinkError> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(sent) = unassigned.pop_front() {
@@ -344,13 +375,20 @@ impl Uplink {
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                let Some(sent) = inflight.remove(&ack.pkid) else { return Ok(()) };
-                if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                let Some(sent) = inflight.remove(&ack.pkid) else {
+                    return Ok(());
+                };
+                if !matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                ) {
                     crate::metrics::PUBACK_FAILURES.inc();
                     tracing::error!(reason = ?ack.reason, "broker refused a publish; events stay stored and are retried");
                     return Err(UplinkError::Refused(ack.reason));
                 }
-                self.state.last_puback_ms.store(crate::event::now_ms(), Ordering::Relaxed);
+                self.state
+                    .last_puback_ms
+                    .store(crate::event::now_ms(), Ordering::Relaxed);
                 if let Sent::Events(ev) = sent {
                     self.store.ack(&ev)?;
                     crate::metrics::PUBLISHES.inc();
@@ -370,7 +408,10 @@ impl Uplink {
                 }
             }
             Event::Incoming(Packet::Disconnect(d)) => {
-                return Err(UplinkError::Session(format!("broker disconnected: {:?}", d.reason_code)));
+                return Err(UplinkError::Session(format!(
+                    "broker disconnected: {:?}",
+                    d.reason_code
+                )));
             }
             _ => {}
         }

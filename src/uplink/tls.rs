@@ -18,7 +18,9 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// A private key file is readable by group or others.
-    #[error("private key {path} is readable by group/others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "private key {path} is readable by group/others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     KeyExposed {
         /// File.
         path: String,

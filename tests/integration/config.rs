@@ -10,11 +10,18 @@ fn floorgate() -> Command {
 #[test]
 fn shipped_example_config_loads_with_its_profiles() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cfg = floorgate::config::load(&root.join("config/floorgate.example.toml")).expect("example config is valid");
+    let cfg = floorgate::config::load(&root.join("config/floorgate.example.toml"))
+        .expect("example config is valid");
     assert!(cfg.profiles.contains_key("bag_dispenser"));
     let cab = &cfg.profiles["charging_cabinet"];
-    assert!(cab.points.iter().any(|p| p.name == "slot12.present" && p.address == 144 && p.bit == Some(0)));
-    assert_eq!(cfg.uplink.as_ref().map(|u| u.topic_prefix.as_str()), Some("floorgate/st-mary/floor-3-west"));
+    assert!(cab
+        .points
+        .iter()
+        .any(|p| p.name == "slot12.present" && p.address == 144 && p.bit == Some(0)));
+    assert_eq!(
+        cfg.uplink.as_ref().map(|u| u.topic_prefix.as_str()),
+        Some("floorgate/st-mary/floor-3-west")
+    );
 }
 
 #[test]
@@ -55,7 +62,11 @@ type = "u16"
 "#,
     )
     .unwrap();
-    let out = floorgate().args(["config", "validate"]).arg(&path).output().unwrap();
+    let out = floorgate()
+        .args(["config", "validate"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
@@ -68,7 +79,8 @@ type = "u16"
         (26, "overlaps point \"x\""),
     ] {
         assert!(
-            err.lines().any(|l| l.contains(&format!("{file}:{line}:")) && l.contains(needle)),
+            err.lines()
+                .any(|l| l.contains(&format!("{file}:{line}:")) && l.contains(needle)),
             "missing `{needle}` at line {line} in:\n{err}"
         );
     }
@@ -77,14 +89,21 @@ type = "u16"
 #[test]
 fn plaintext_uplink_is_refused_unless_allowed() {
     let base = "[gateway]\nid = \"gw\"\n[uplink]\nurl = \"mqtt://127.0.0.1:1883\"\n";
-    let err = floorgate::config::parse_str(base, Path::new("p.toml")).unwrap_err().to_string();
-    assert!(err.contains("p.toml:4:7: plaintext mqtt:// is refused"), "{err}");
+    let err = floorgate::config::parse_str(base, Path::new("p.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("p.toml:4:7: plaintext mqtt:// is refused"),
+        "{err}"
+    );
     let ok = format!("{base}allow_plaintext = true\n");
     assert!(floorgate::config::parse_str(&ok, Path::new("p.toml")).is_ok());
 }
 
 #[test]
 fn syntax_errors_are_located() {
-    let err = floorgate::config::parse_str("[gateway\nid = 1\n", Path::new("s.toml")).unwrap_err().to_string();
+    let err = floorgate::config::parse_str("[gateway\nid = 1\n", Path::new("s.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("s.toml:1:"), "{err}");
 }

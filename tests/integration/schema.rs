@@ -5,7 +5,11 @@ use floorgate::event::{payload, AlarmState, Body, DeviceState, Event};
 use std::collections::BTreeMap;
 
 fn validator() -> (boon::Schemas, boon::SchemaIndex) {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema/events.v1.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/events.v1.json"
+    ))
+    .unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut schemas = boon::Schemas::new();
     let mut compiler = boon::Compiler::new();
@@ -21,14 +25,62 @@ fn every_kind() -> Vec<Event> {
     values.insert("door_open".to_string(), Value::Bool(false));
     let dev = Some("bags-1");
     let mut events = vec![
-        Event::now(dev, Body::Telemetry { values: values.clone() }),
+        Event::now(
+            dev,
+            Body::Telemetry {
+                values: values.clone(),
+            },
+        ),
         Event::now(dev, Body::State { values }),
-        Event::now(dev, Body::Counter { point: "bags_dispensed".into(), delta: 3, total: 70, reset: false }),
-        Event::now(dev, Body::Counter { point: "bags_dispensed".into(), delta: 2, total: 2, reset: true }),
-        Event::now(dev, Body::Alarm { alarm: "low_stock".into(), state: AlarmState::Raised, severity: "warning".into(), value: Value::UInt(3) }),
-        Event::now(dev, Body::Device { state: DeviceState::Offline, error: Some("timeout".into()) }),
-        Event::now(dev, Body::Device { state: DeviceState::Online, error: None }),
-        Event::now(None, Body::Gap { dropped: 4, first_seq: 1, last_seq: 9 }),
+        Event::now(
+            dev,
+            Body::Counter {
+                point: "bags_dispensed".into(),
+                delta: 3,
+                total: 70,
+                reset: false,
+            },
+        ),
+        Event::now(
+            dev,
+            Body::Counter {
+                point: "bags_dispensed".into(),
+                delta: 2,
+                total: 2,
+                reset: true,
+            },
+        ),
+        Event::now(
+            dev,
+            Body::Alarm {
+                alarm: "low_stock".into(),
+                state: AlarmState::Raised,
+                severity: "warning".into(),
+                value: Value::UInt(3),
+            },
+        ),
+        Event::now(
+            dev,
+            Body::Device {
+                state: DeviceState::Offline,
+                error: Some("timeout".into()),
+            },
+        ),
+        Event::now(
+            dev,
+            Body::Device {
+                state: DeviceState::Online,
+                error: None,
+            },
+        ),
+        Event::now(
+            None,
+            Body::Gap {
+                dropped: 4,
+                first_seq: 1,
+                last_seq: 9,
+            },
+        ),
     ];
     let mut unsynced = events[0].clone();
     unsynced.clock_synced = false;

@@ -1,4 +1,21 @@
-//! Test support: a real mosquitto with generated certificates, and helpers to run floorgate.
+//! Test support: a real mosquitto with generated certificates, the daemon as a child process,
+//! and a cuttable TCP proxy.
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod gateway;
+pub mod proxy;
+
+use std::time::{Duration, Instant};
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
