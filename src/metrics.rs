@@ -159,7 +159,11 @@ pub fn render() -> String {
             fam.help, fam.kind
         );
         for (l, v) in &fam.series {
-            let _ = writeln!(out, "{name}{{{l}}} {v}");
+            if l.is_empty() {
+                let _ = writeln!(out, "{name} {v}");
+            } else {
+                let _ = writeln!(out, "{name}{{{l}}} {v}");
+            }
         }
     }
     out

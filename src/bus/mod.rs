@@ -275,10 +275,12 @@ impl BusTask {
     }
 }
 
-/// The next poll time: one period after the previous due time, without bursts after a stall.
+/// The next poll time: one period after the previous due time, so that a short stall of the bus
+/// (another device's timeout) is caught up and the device keeps its rate; after a longer stall
+/// the schedule restarts from now instead of bursting.
 fn next_due(prev: Instant, period: Duration, now: Instant) -> Instant {
     let next = prev + period;
-    if next < now {
+    if next + period * 2 < now {
         now
     } else {
         next

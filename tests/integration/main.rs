@@ -5,4 +5,5 @@ mod support;
 
 mod config;
 mod pipeline;
+mod resilience;
 mod schema;

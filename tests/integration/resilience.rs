@@ -1,0 +1,273 @@
+//! What the gateway survives: kill -9, broker outages, silent and hostile devices.
+
+use crate::pipeline::{device, receive_until, rtu_bus, still_floor, tcp_bus};
+use crate::support::broker::{subscribe, Broker, Pki};
+use crate::support::gateway::{config, uplink_for, uplink_tls, Gateway, Received};
+use crate::support::proxy::Proxy;
+use floorgate::sim::{bag, Device};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Increments the dispensed counter of `devs` every `every` and flips their status, until stopped.
+fn traffic(devs: Vec<Device>, every: Duration, run: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while run.load(Ordering::Relaxed) {
+            n += 1;
+            for d in &devs {
+                d.bank().with(|t| {
+                    let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
+                    t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
+                    t.set_u16(bag::HR_STATUS, (n % 2) as u16);
+                    t.set_u16(bag::HR_STOCK, 500 - (n % 400) as u16);
+                });
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+fn counter_of(d: &Device) -> u64 {
+    d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64
+}
+
+/// Every counter increment the devices made is in the received deltas, exactly once.
+fn assert_counters_complete(rx: &Received, names: &[&str], devs: &[Device], start: &[u64]) {
+    for ((name, d), s) in names.iter().zip(devs).zip(start) {
+        let want = counter_of(d) - s;
+        assert_eq!(rx.counter_sum(name, "bags_dispensed"), want, "{name}: deltas sum to the device's increments");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(2, 0).start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let start: Vec<u64> = devs.iter().map(counter_of).collect();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut sub = subscribe(&broker, "floorgate/test/gw-k9/events").await;
+    let mut gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-k9",
+            state,
+            metrics,
+            &format!("{}{}{}{}", uplink_for(&pki, &broker), tcp_bus("lan", tcp), device("b1", "lan", 1, "bag_dispenser", "30ms"), device("b2", "lan", 2, "bag_dispenser", "30ms")),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("b2", "state").is_empty()).await, "{}", gw.log());
+    let run = Arc::new(AtomicBool::new(true));
+    let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
+    for cycle in 0..6u64 {
+        let pause = 150 + (cycle * 173) % 400;
+        receive_until(&mut sub, &mut rx, Duration::from_millis(pause), |_| false).await;
+        gw.kill9();
+        receive_until(&mut sub, &mut rx, Duration::from_millis(100), |_| false).await;
+        gw.spawn();
+    }
+    run.store(false, Ordering::Relaxed);
+    t.await.unwrap();
+    let names = ["b1", "b2"];
+    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
+        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
+    })
+    .await;
+    assert!(done, "all increments delivered after 6 kill -9 cycles\n{}", gw.log());
+    assert_counters_complete(&rx, &names, &devs, &start);
+    rx.assert_seq_identity();
+    rx.assert_per_device_order();
+    let seqs = rx.seqs();
+    let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
+    assert_eq!(seqs.len() as u64, hi - lo + 1, "no hole in the seq range {lo}..{hi}");
+    // The last observed state is the device's state.
+    let last_status = rx.of("b1", "state").iter().rev().find_map(|e| e["values"]["status"].as_u64());
+    assert_eq!(last_status, Some(devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(2, 0).start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let start: Vec<u64> = devs.iter().map(counter_of).collect();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
+    let mut sub = subscribe(&broker, "floorgate/test/gw-out/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-out",
+            state,
+            metrics,
+            &format!("{}{}{}{}", uplink_tls(&pki, proxy.port), tcp_bus("lan", tcp), device("b1", "lan", 1, "bag_dispenser", "30ms"), device("b2", "lan", 2, "bag_dispenser", "30ms")),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("b2", "state").is_empty()).await, "{}", gw.log());
+    let run = Arc::new(AtomicBool::new(true));
+    let t = traffic(devs.clone(), Duration::from_millis(10), run.clone());
+    proxy.cut();
+    let buffered = gw.wait_metric("floorgate_store_events", Duration::from_secs(10), |v| v >= 200.0).await;
+    assert!(buffered.is_some(), "events buffer in the store during the outage\n{}", gw.log());
+    let during = rx.seqs().len();
+    proxy.restore();
+    let names = ["b1", "b2"];
+    // Live events keep flowing while the backlog drains.
+    receive_until(&mut sub, &mut rx, Duration::from_secs(2), |_| false).await;
+    run.store(false, Ordering::Relaxed);
+    t.await.unwrap();
+    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
+        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
+    })
+    .await;
+    assert!(done, "everything delivered after the outage\n{}", gw.log());
+    assert!(rx.seqs().len() > during + 200);
+    assert_counters_complete(&rx, &names, &devs, &start);
+    rx.assert_seq_identity();
+    rx.assert_per_device_order();
+    let seqs = rx.seqs();
+    assert_eq!(seqs.len() as u64, seqs.last().unwrap() - seqs.first().unwrap() + 1, "no seq missing");
+    assert!(gw.wait_metric("floorgate_store_events", Duration::from_secs(10), |v| v == 0.0).await.is_some(), "store drained");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer() {
+    let stop = CancellationToken::new();
+    let (pty, devs) = still_floor(2, 0).start_pty(stop.clone()).unwrap();
+    devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 111));
+    devs[1].bank().with(|t| t.set_u16(bag::HR_STOCK, 222));
+    // Unit 1 answers 60 ms after the gateway gave up on it.
+    devs[0].update_faults(|f| f.delay = Duration::from_millis(160));
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut sub = subscribe(&broker, "floorgate/test/gw-late/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-late",
+            state,
+            metrics,
+            &format!("{}{}{}{}", uplink_for(&pki, &broker), rtu_bus("rs485", &pty, "100ms"), device("slow", "rs485", 1, "bag_dispenser", "50ms"), device("fast", "rs485", 2, "bag_dispenser", "50ms")),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("fast", "telemetry").is_empty()).await, "{}", gw.log());
+    // Let the slow device be probed several times while the fast one is polled.
+    receive_until(&mut sub, &mut rx, Duration::from_secs(4), |_| false).await;
+    devs[0].clear_faults();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| !rx.of("slow", "telemetry").is_empty()).await, "{}", gw.log());
+    receive_until(&mut sub, &mut rx, Duration::from_millis(500), |_| false).await;
+    for e in rx.of("fast", "telemetry") {
+        assert_ne!(e["values"]["stock"], 111, "a late reply of unit 1 was taken as unit 2's answer: {e}");
+    }
+    for e in rx.of("slow", "telemetry") {
+        assert_ne!(e["values"]["stock"], 222, "unit 2's reply was taken as unit 1's: {e}");
+    }
+    assert_eq!(rx.of("slow", "telemetry")[0]["values"]["stock"], 111);
+    assert!(rx.of("fast", "device").iter().all(|e| e["state"] == "online"), "the fast device never went offline");
+    assert!(devs[0].requests() > 0);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_silent_device_does_not_slow_the_others_beyond_its_back_off() {
+    let stop = CancellationToken::new();
+    let (pty, devs) = still_floor(3, 0).start_pty(stop.clone()).unwrap();
+    devs[1].update_faults(|f| f.silent = true);
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut sub = subscribe(&broker, "floorgate/test/gw-silent/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-silent",
+            state,
+            metrics,
+            &format!(
+                "{}{}{}{}{}",
+                uplink_for(&pki, &broker),
+                rtu_bus("rs485", &pty, "100ms"),
+                device("a", "rs485", 1, "bag_dispenser", "200ms"),
+                device("dead", "rs485", 2, "bag_dispenser", "200ms"),
+                device("c", "rs485", 3, "bag_dispenser", "200ms")
+            ),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("c", "state").is_empty()).await, "{}", gw.log());
+    let before: Vec<u64> = devs.iter().map(|d| d.requests()).collect();
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await;
+    let after: Vec<u64> = devs.iter().map(|d| d.requests()).collect();
+    // A bag dispenser poll is 5 transactions (holding 0-10, holding 40-47, coils, discretes, inputs).
+    let expected = window.as_secs_f64() / 0.2 * 5.0;
+    for i in [0, 2] {
+        let got = (after[i] - before[i]) as f64;
+        assert!(got >= 0.9 * expected, "device {} made {got} transactions, expected about {expected}", i + 1);
+    }
+    let dead = (after[1] - before[1]) as f64;
+    assert!(dead <= 5.0, "the silent device is only probed once per back-off period, got {dead} requests in {window:?}");
+    let offline = gw.metric("floorgate_device_online{device=\"dead\"}").await;
+    assert_eq!(offline, Some(0.0));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
+    let stop = CancellationToken::new();
+    let (pty, devs) = still_floor(2, 0).start_pty(stop.clone()).unwrap();
+    devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 123));
+    devs[1].bank().with(|t| t.set_u16(bag::HR_STOCK, 456));
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut sub = subscribe(&broker, "floorgate/test/gw-hostile/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-hostile",
+            state,
+            metrics,
+            &format!("{}{}{}{}", uplink_for(&pki, &broker), rtu_bus("rs485", &pty, "100ms"), device("bad", "rs485", 1, "bag_dispenser", "50ms"), device("good", "rs485", 2, "bag_dispenser", "50ms")),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("bad", "telemetry").is_empty() && !rx.of("good", "telemetry").is_empty()).await, "{}", gw.log());
+    for fault in 0..4 {
+        devs[0].update_faults(|f| match fault {
+            0 => f.corrupt_crc = true,
+            1 => f.truncate = true,
+            2 => f.garbage_before = true,
+            _ => f.exception = Some(4),
+        });
+        let ts = floorgate::event::now_ms();
+        if fault != 2 {
+            assert!(
+                receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx.of("bad", "device").iter().any(|e| e["state"] == "offline" && e["ts"].as_u64().unwrap() >= ts)).await,
+                "fault {fault} takes the device offline\n{}",
+                gw.log()
+            );
+        } else {
+            receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
+        }
+        devs[0].clear_faults();
+        devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 123 + fault + 1));
+        assert!(
+            receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx.of("bad", "telemetry").iter().any(|e| e["values"]["stock"] == 123 + fault + 1)).await,
+            "device recovers after fault {fault}\n{}",
+            gw.log()
+        );
+    }
+    let offline = rx.of("bad", "device").into_iter().filter(|e| e["state"] == "offline").collect::<Vec<_>>();
+    assert!(offline.iter().any(|e| e["error"].as_str().unwrap_or("").contains("exception 4")), "{offline:?}");
+    assert!(offline.iter().any(|e| e["error"] == "timeout"), "{offline:?}");
+    assert!(rx.of("good", "device").iter().all(|e| e["state"] == "online"), "the other device never went offline");
+    for e in rx.of("good", "telemetry") {
+        assert_eq!(e["values"]["stock"], 456, "no value of the hostile device leaked into the good one");
+    }
+    for e in rx.of("bad", "telemetry") {
+        let s = e["values"]["stock"].as_u64().unwrap_or(123);
+        assert!((123..=127).contains(&s), "only the bad device's own values: {e}");
+    }
+    stop.cancel();
+}
