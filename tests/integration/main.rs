@@ -4,6 +4,7 @@
 mod support;
 
 mod config;
+mod daemon;
 mod pipeline;
 mod resilience;
 mod schema;

@@ -11,7 +11,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Increments the dispensed counter of `devs` every `every` and flips their status, until stopped.
-fn traffic(devs: Vec<Device>, every: Duration, run: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+fn traffic(
+    devs: Vec<Device>,
+    every: Duration,
+    run: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut n = 0u32;
         while run.load(Ordering::Relaxed) {
@@ -37,14 +41,21 @@ fn counter_of(d: &Device) -> u64 {
 fn assert_counters_complete(rx: &Received, names: &[&str], devs: &[Device], start: &[u64]) {
     for ((name, d), s) in names.iter().zip(devs).zip(start) {
         let want = counter_of(d) - s;
-        assert_eq!(rx.counter_sum(name, "bags_dispensed"), want, "{name}: deltas sum to the device's increments");
+        assert_eq!(
+            rx.counter_sum(name, "bags_dispensed"),
+            want,
+            "{name}: deltas sum to the device's increments"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(2, 0).start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let (tcp, devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
     let start: Vec<u64> = devs.iter().map(counter_of).collect();
     let pki = Pki::generate();
     let broker = Broker::start_tls(&pki);
@@ -54,11 +65,24 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
             "gw-k9",
             state,
             metrics,
-            &format!("{}{}{}{}", uplink_for(&pki, &broker), tcp_bus("lan", tcp), device("b1", "lan", 1, "bag_dispenser", "30ms"), device("b2", "lan", 2, "bag_dispenser", "30ms")),
+            &format!(
+                "{}{}{}{}",
+                uplink_for(&pki, &broker),
+                tcp_bus("lan", tcp),
+                device("b1", "lan", 1, "bag_dispenser", "30ms"),
+                device("b2", "lan", 2, "bag_dispenser", "30ms")
+            ),
         )
     });
     let mut rx = Received::default();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("b2", "state").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("b2", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
     for cycle in 0..6u64 {
@@ -72,26 +96,48 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     t.await.unwrap();
     let names = ["b1", "b2"];
     let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
-        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
+        names
+            .iter()
+            .zip(&devs)
+            .zip(&start)
+            .all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
     })
     .await;
-    assert!(done, "all increments delivered after 6 kill -9 cycles\n{}", gw.log());
+    assert!(
+        done,
+        "all increments delivered after 6 kill -9 cycles\n{}",
+        gw.log()
+    );
     assert_counters_complete(&rx, &names, &devs, &start);
     rx.assert_seq_identity();
     rx.assert_per_device_order();
     let seqs = rx.seqs();
     let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
-    assert_eq!(seqs.len() as u64, hi - lo + 1, "no hole in the seq range {lo}..{hi}");
+    assert_eq!(
+        seqs.len() as u64,
+        hi - lo + 1,
+        "no hole in the seq range {lo}..{hi}"
+    );
     // The last observed state is the device's state.
-    let last_status = rx.of("b1", "state").iter().rev().find_map(|e| e["values"]["status"].as_u64());
-    assert_eq!(last_status, Some(devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64));
+    let last_status = rx
+        .of("b1", "state")
+        .iter()
+        .rev()
+        .find_map(|e| e["values"]["status"].as_u64());
+    assert_eq!(
+        last_status,
+        Some(devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64)
+    );
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(2, 0).start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let (tcp, devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
     let start: Vec<u64> = devs.iter().map(counter_of).collect();
     let pki = Pki::generate();
     let broker = Broker::start_tls(&pki);
@@ -102,16 +148,37 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
             "gw-out",
             state,
             metrics,
-            &format!("{}{}{}{}", uplink_tls(&pki, proxy.port), tcp_bus("lan", tcp), device("b1", "lan", 1, "bag_dispenser", "30ms"), device("b2", "lan", 2, "bag_dispenser", "30ms")),
+            &format!(
+                "{}{}{}{}",
+                uplink_tls(&pki, proxy.port),
+                tcp_bus("lan", tcp),
+                device("b1", "lan", 1, "bag_dispenser", "30ms"),
+                device("b2", "lan", 2, "bag_dispenser", "30ms")
+            ),
         )
     });
     let mut rx = Received::default();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("b2", "state").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("b2", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(10), run.clone());
     proxy.cut();
-    let buffered = gw.wait_metric("floorgate_store_events", Duration::from_secs(10), |v| v >= 200.0).await;
-    assert!(buffered.is_some(), "events buffer in the store during the outage\n{}", gw.log());
+    let buffered = gw
+        .wait_metric("floorgate_store_events", Duration::from_secs(10), |v| {
+            v >= 200.0
+        })
+        .await;
+    assert!(
+        buffered.is_some(),
+        "events buffer in the store during the outage\n{}",
+        gw.log()
+    );
     let during = rx.seqs().len();
     proxy.restore();
     let names = ["b1", "b2"];
@@ -120,7 +187,11 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     run.store(false, Ordering::Relaxed);
     t.await.unwrap();
     let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
-        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
+        names
+            .iter()
+            .zip(&devs)
+            .zip(&start)
+            .all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
     })
     .await;
     assert!(done, "everything delivered after the outage\n{}", gw.log());
@@ -129,8 +200,18 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     rx.assert_seq_identity();
     rx.assert_per_device_order();
     let seqs = rx.seqs();
-    assert_eq!(seqs.len() as u64, seqs.last().unwrap() - seqs.first().unwrap() + 1, "no seq missing");
-    assert!(gw.wait_metric("floorgate_store_events", Duration::from_secs(10), |v| v == 0.0).await.is_some(), "store drained");
+    assert_eq!(
+        seqs.len() as u64,
+        seqs.last().unwrap() - seqs.first().unwrap() + 1,
+        "no seq missing"
+    );
+    assert!(
+        gw.wait_metric("floorgate_store_events", Duration::from_secs(10), |v| v
+            == 0.0)
+            .await
+            .is_some(),
+        "store drained"
+    );
     stop.cancel();
 }
 
@@ -150,24 +231,55 @@ async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer()
             "gw-late",
             state,
             metrics,
-            &format!("{}{}{}{}", uplink_for(&pki, &broker), rtu_bus("rs485", &pty, "100ms"), device("slow", "rs485", 1, "bag_dispenser", "50ms"), device("fast", "rs485", 2, "bag_dispenser", "50ms")),
+            &format!(
+                "{}{}{}{}",
+                uplink_for(&pki, &broker),
+                rtu_bus("rs485", &pty, "100ms"),
+                device("slow", "rs485", 1, "bag_dispenser", "50ms"),
+                device("fast", "rs485", 2, "bag_dispenser", "50ms")
+            ),
         )
     });
     let mut rx = Received::default();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("fast", "telemetry").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("fast", "telemetry")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     // Let the slow device be probed several times while the fast one is polled.
     receive_until(&mut sub, &mut rx, Duration::from_secs(4), |_| false).await;
     devs[0].clear_faults();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| !rx.of("slow", "telemetry").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| !rx
+            .of("slow", "telemetry")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     receive_until(&mut sub, &mut rx, Duration::from_millis(500), |_| false).await;
     for e in rx.of("fast", "telemetry") {
-        assert_ne!(e["values"]["stock"], 111, "a late reply of unit 1 was taken as unit 2's answer: {e}");
+        assert_ne!(
+            e["values"]["stock"], 111,
+            "a late reply of unit 1 was taken as unit 2's answer: {e}"
+        );
     }
     for e in rx.of("slow", "telemetry") {
-        assert_ne!(e["values"]["stock"], 222, "unit 2's reply was taken as unit 1's: {e}");
+        assert_ne!(
+            e["values"]["stock"], 222,
+            "unit 2's reply was taken as unit 1's: {e}"
+        );
     }
     assert_eq!(rx.of("slow", "telemetry")[0]["values"]["stock"], 111);
-    assert!(rx.of("fast", "device").iter().all(|e| e["state"] == "online"), "the fast device never went offline");
+    assert!(
+        rx.of("fast", "device")
+            .iter()
+            .all(|e| e["state"] == "online"),
+        "the fast device never went offline"
+    );
     assert!(devs[0].requests() > 0);
     stop.cancel();
 }
@@ -196,7 +308,14 @@ async fn one_silent_device_does_not_slow_the_others_beyond_its_back_off() {
         )
     });
     let mut rx = Received::default();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("c", "state").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("c", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     let before: Vec<u64> = devs.iter().map(|d| d.requests()).collect();
     let window = Duration::from_secs(5);
     tokio::time::sleep(window).await;
@@ -205,7 +324,11 @@ async fn one_silent_device_does_not_slow_the_others_beyond_its_back_off() {
     let expected = window.as_secs_f64() / 0.2 * 5.0;
     for i in [0, 2] {
         let got = (after[i] - before[i]) as f64;
-        assert!(got >= 0.9 * expected, "device {} made {got} transactions, expected about {expected}", i + 1);
+        assert!(
+            got >= 0.9 * expected,
+            "device {} made {got} transactions, expected about {expected}",
+            i + 1
+        );
     }
     let dead = (after[1] - before[1]) as f64;
     assert!(dead <= 5.0, "the silent device is only probed once per back-off period, got {dead} requests in {window:?}");
@@ -228,11 +351,25 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
             "gw-hostile",
             state,
             metrics,
-            &format!("{}{}{}{}", uplink_for(&pki, &broker), rtu_bus("rs485", &pty, "100ms"), device("bad", "rs485", 1, "bag_dispenser", "50ms"), device("good", "rs485", 2, "bag_dispenser", "50ms")),
+            &format!(
+                "{}{}{}{}",
+                uplink_for(&pki, &broker),
+                rtu_bus("rs485", &pty, "100ms"),
+                device("bad", "rs485", 1, "bag_dispenser", "50ms"),
+                device("good", "rs485", 2, "bag_dispenser", "50ms")
+            ),
         )
     });
     let mut rx = Received::default();
-    assert!(receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx.of("bad", "telemetry").is_empty() && !rx.of("good", "telemetry").is_empty()).await, "{}", gw.log());
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("bad", "telemetry")
+            .is_empty()
+            && !rx.of("good", "telemetry").is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
     for fault in 0..4 {
         devs[0].update_faults(|f| match fault {
             0 => f.corrupt_crc = true,
@@ -243,7 +380,11 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
         let ts = floorgate::event::now_ms();
         if fault != 2 {
             assert!(
-                receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx.of("bad", "device").iter().any(|e| e["state"] == "offline" && e["ts"].as_u64().unwrap() >= ts)).await,
+                receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx
+                    .of("bad", "device")
+                    .iter()
+                    .any(|e| e["state"] == "offline" && e["ts"].as_u64().unwrap() >= ts))
+                .await,
                 "fault {fault} takes the device offline\n{}",
                 gw.log()
             );
@@ -251,23 +392,52 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
             receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
         }
         devs[0].clear_faults();
-        devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 123 + fault + 1));
+        devs[0]
+            .bank()
+            .with(|t| t.set_u16(bag::HR_STOCK, 123 + fault + 1));
         assert!(
-            receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx.of("bad", "telemetry").iter().any(|e| e["values"]["stock"] == 123 + fault + 1)).await,
+            receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx
+                .of("bad", "telemetry")
+                .iter()
+                .any(|e| e["values"]["stock"] == 123 + fault + 1))
+            .await,
             "device recovers after fault {fault}\n{}",
             gw.log()
         );
     }
-    let offline = rx.of("bad", "device").into_iter().filter(|e| e["state"] == "offline").collect::<Vec<_>>();
-    assert!(offline.iter().any(|e| e["error"].as_str().unwrap_or("").contains("exception 4")), "{offline:?}");
-    assert!(offline.iter().any(|e| e["error"] == "timeout"), "{offline:?}");
-    assert!(rx.of("good", "device").iter().all(|e| e["state"] == "online"), "the other device never went offline");
+    let offline = rx
+        .of("bad", "device")
+        .into_iter()
+        .filter(|e| e["state"] == "offline")
+        .collect::<Vec<_>>();
+    assert!(
+        offline
+            .iter()
+            .any(|e| e["error"].as_str().unwrap_or("").contains("exception 4")),
+        "{offline:?}"
+    );
+    assert!(
+        offline.iter().any(|e| e["error"] == "timeout"),
+        "{offline:?}"
+    );
+    assert!(
+        rx.of("good", "device")
+            .iter()
+            .all(|e| e["state"] == "online"),
+        "the other device never went offline"
+    );
     for e in rx.of("good", "telemetry") {
-        assert_eq!(e["values"]["stock"], 456, "no value of the hostile device leaked into the good one");
+        assert_eq!(
+            e["values"]["stock"], 456,
+            "no value of the hostile device leaked into the good one"
+        );
     }
     for e in rx.of("bad", "telemetry") {
         let s = e["values"]["stock"].as_u64().unwrap_or(123);
-        assert!((123..=127).contains(&s), "only the bad device's own values: {e}");
+        assert!(
+            (123..=127).contains(&s),
+            "only the bad device's own values: {e}"
+        );
     }
     stop.cancel();
 }
