@@ -1,17 +1,20 @@
 //! The durable queue of events and the devices' last snapshots. The only module that knows sled.
 //!
 //! One sled tree holds everything, so that one `Batch` commits events, snapshots and counters
-//! atomically; `flush()` is the durability point.
+//! atomically; `flush()` is the durability point. Events are stored in blocks (one per commit
+//! and class, at most 1000 events): reading and deleting a backlog costs one sled operation per
+//! block, not per event.
 //!
-//! Keys: `k`+seq (kept events), `t`+seq (telemetry, shed first), `s`+device (snapshot),
-//! `m`+name (meta: next seq, byte and event counts), `c`+id (command outcomes).
+//! Keys: `k`+first seq (block of kept events), `t`+first seq (block of telemetry, shed first),
+//! `s`+device (snapshot), `m`+name (meta: next seq, byte and event counts), `c`+id and `v`+name
+//! (small records: command outcomes, config versions).
 
 mod writer;
 
-pub(crate) use writer::publish_gauges;
 pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -32,25 +35,76 @@ pub enum StoreError {
     },
 }
 
-/// An event as stored: its seq, class and wire JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
+/// Where a stored event lives: its seq, class and the block that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventRef {
     /// Sequence number.
     pub seq: u64,
     /// Storage class.
     pub class: Class,
+    /// First seq of the block (its key).
+    pub block: u64,
+    /// Position of the event in its block.
+    pub index: u32,
+    /// Events in the block.
+    pub block_len: u32,
+}
+
+/// An event as stored: where it is and its wire JSON (shared with its block, not copied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Location and identity.
+    pub at: EventRef,
+    block: sled::IVec,
+    span: (usize, usize),
+}
+
+impl Stored {
+    /// Sequence number.
+    pub fn seq(&self) -> u64 {
+        self.at.seq
+    }
+
     /// Wire JSON of the event.
-    pub json: Vec<u8>,
+    pub fn json(&self) -> &[u8] {
+        &self.block[self.span.0..self.span.1]
+    }
+}
+
+/// Acknowledged positions of a partly acknowledged block.
+#[derive(Debug, Default)]
+struct Acked {
+    bits: Vec<u64>,
+    count: u32,
+}
+
+impl Acked {
+    fn contains(&self, i: u32) -> bool {
+        self.bits
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    /// Marks `i`; true when it was not marked before.
+    fn insert(&mut self, i: u32) -> bool {
+        let w = i as usize / 64;
+        if self.bits.len() <= w {
+            self.bits.resize(w + 1, 0);
+        }
+        let new = self.bits[w] & (1 << (i % 64)) == 0;
+        self.bits[w] |= 1 << (i % 64);
+        self.count += u32::from(new);
+        new
+    }
 }
 
 /// Counters of the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
-    /// Events held.
+    /// Events held and not yet acknowledged.
     pub events: u64,
-    /// Telemetry events held.
+    /// Telemetry events among them.
     pub telemetry: u64,
-    /// Bytes of keys and values of held events.
+    /// Bytes of the blocks on disk (keys and values).
     pub bytes: u64,
     /// Next seq to assign.
     pub next_seq: u64,
@@ -60,6 +114,7 @@ pub struct Stats {
     pub dropped: u64,
 }
 
+/// Counters persisted with every commit: they describe the blocks on disk.
 #[derive(Debug, Default)]
 struct Meta {
     next_seq: u64,
@@ -67,6 +122,11 @@ struct Meta {
     events: u64,
     telemetry: u64,
     dropped: u64,
+    /// Blocks of which some events were acknowledged: the seqs acknowledged so far. In memory
+    /// only: after a crash the whole block is sent again (the cloud deduplicates by seq).
+    partial: HashMap<(Class, u64), Acked>,
+    partial_events: u64,
+    partial_telemetry: u64,
 }
 
 /// The durable store.
@@ -83,13 +143,19 @@ const M_NEXT: &[u8] = b"mnext_seq";
 const M_BYTES: &[u8] = b"mbytes";
 const M_EVENTS: &[u8] = b"mevents";
 const M_TELEMETRY: &[u8] = b"mtelemetry";
+/// Events per block at most (a commit larger than this is split).
+const BLOCK_EVENTS: usize = 1000;
+
+fn prefix(class: Class) -> u8 {
+    match class {
+        Class::Keep => b'k',
+        Class::Telemetry => b't',
+    }
+}
 
 fn key(class: Class, seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = match class {
-        Class::Keep => b'k',
-        Class::Telemetry => b't',
-    };
+    k[0] = prefix(class);
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
 }
@@ -100,6 +166,57 @@ fn seq_of(k: &[u8]) -> u64 {
         b.copy_from_slice(&k[1..]);
     }
     u64::from_be_bytes(b)
+}
+
+/// An event with its seq and wire JSON.
+type Encoded = (u64, Vec<u8>);
+
+/// Block layout: `count: u32`, `last_seq: u64`, then per event `seq: u64`, `len: u32`, JSON.
+fn encode_block(events: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let size = 12 + events.iter().map(|(_, j)| 12 + j.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    out.extend_from_slice(&events.last().map_or(0, |e| e.0).to_be_bytes());
+    for (seq, json) in events {
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        out.extend_from_slice(json);
+    }
+    out
+}
+
+/// (count, last seq) of a block.
+fn block_header(v: &[u8]) -> (u32, u64) {
+    if v.len() < 12 {
+        return (0, 0);
+    }
+    let mut c = [0u8; 4];
+    c.copy_from_slice(&v[..4]);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&v[4..12]);
+    (u32::from_be_bytes(c), u64::from_be_bytes(l))
+}
+
+/// The events of a block as (seq, start, end) of their JSON; a truncated block yields what is
+/// complete.
+fn block_events(v: &[u8]) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+    let mut pos = 12usize;
+    std::iter::from_fn(move || {
+        if pos + 12 > v.len() {
+            return None;
+        }
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&v[pos..pos + 8]);
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&v[pos + 8..pos + 12]);
+        let len = u32::from_be_bytes(l) as usize;
+        let start = pos + 12;
+        if start + len > v.len() {
+            return None;
+        }
+        pos = start + len;
+        Some((u64::from_be_bytes(s), start, start + len))
+    })
 }
 
 fn read_u64(tree: &sled::Tree, k: &[u8]) -> Result<u64, StoreError> {
@@ -113,8 +230,22 @@ fn lock(m: &Mutex<Meta>) -> std::sync::MutexGuard<'_, Meta> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Events dropped by one commit: (count, first seq, last seq).
+#[derive(Debug, Default)]
+struct Dropped(Option<(u64, u64, u64)>);
+
+impl Dropped {
+    fn add(&mut self, n: u64, first: u64, last: u64) {
+        self.0 = Some(match self.0 {
+            None => (n, first, last),
+            Some((c, a, b)) => (c + n, a.min(first), b.max(last)),
+        });
+    }
+}
+
 impl Store {
-    /// Opens (or creates) the store in `dir` with a small page cache.
+    /// Opens (or creates) the store in `dir` with a small page cache. Start-up reads a few
+    /// counters only; it never scans the backlog.
     pub fn open(dir: &Path, cache_bytes: u64, max_bytes: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
             path: dir.display().to_string(),
@@ -132,7 +263,7 @@ impl Store {
             bytes: read_u64(&tree, M_BYTES)?,
             events: read_u64(&tree, M_EVENTS)?,
             telemetry: read_u64(&tree, M_TELEMETRY)?,
-            dropped: 0,
+            ..Meta::default()
         };
         Ok(Store {
             db,
@@ -148,12 +279,6 @@ impl Store {
         self.committed.notified().await;
     }
 
-    /// Wakes waiters of [`Store::committed`] (used after a reconnect).
-    pub fn wake(&self) {
-        self.committed.notify_waiters();
-        self.committed.notify_one();
-    }
-
     /// Commits events and device snapshots atomically and durably. Returns the seqs assigned.
     /// When the store would exceed its bound, the oldest telemetry is dropped first, then the
     /// oldest other events, and a `gap` event reporting the drop is committed in the same batch.
@@ -164,93 +289,95 @@ impl Store {
     ) -> Result<std::ops::Range<u64>, StoreError> {
         let mut meta = lock(&self.meta);
         let first = meta.next_seq;
-        let mut batch = sled::Batch::default();
-        let mut added: Vec<([u8; 9], Vec<u8>)> = Vec::with_capacity(events.len() + 1);
         let mut seq = first;
+        let mut by_class: [(Class, Vec<Encoded>); 2] =
+            [(Class::Telemetry, Vec::new()), (Class::Keep, Vec::new())];
         for e in events {
-            added.push((key(e.class(), seq), e.encode(seq)));
+            let slot = usize::from(e.class() == Class::Keep);
+            by_class[slot].1.push((seq, e.encode(seq)));
             seq += 1;
         }
-        let add_bytes: u64 = added.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-        let mut bytes = meta.bytes + add_bytes;
-        let mut n_events = meta.events + added.len() as u64;
-        let mut n_tel = meta.telemetry
-            + events
-                .iter()
-                .filter(|e| e.class() == Class::Telemetry)
-                .count() as u64;
-        let mut gap: Option<(u64, u64, u64)> = None;
+        // New blocks, per class, oldest first.
+        let mut blocks: Vec<(Class, [u8; 9], Vec<u8>, u32)> = Vec::new();
+        for (class, list) in &by_class {
+            for chunk in list.chunks(BLOCK_EVENTS) {
+                let k = key(*class, chunk[0].0);
+                blocks.push((*class, k, encode_block(chunk), chunk.len() as u32));
+            }
+        }
+        let size = |k: &[u8], v: &[u8]| (k.len() + v.len()) as u64;
+        let mut bytes = meta.bytes + blocks.iter().map(|(_, k, v, _)| size(k, v)).sum::<u64>();
+        let mut n_events = meta.events + events.len() as u64;
+        let mut n_tel = meta.telemetry + by_class[0].1.len() as u64;
+        let mut batch = sled::Batch::default();
+        let mut dropped = Dropped::default();
         if bytes > self.max_bytes {
             // Shed to 90 % of the bound so that a full store does not drop on every commit.
             let target = self.max_bytes / 10 * 9;
-            let mut dropped_new = vec![false; added.len()];
             for class in [Class::Telemetry, Class::Keep] {
-                let prefix: &[u8] = if class == Class::Telemetry {
-                    b"t"
-                } else {
-                    b"k"
-                };
-                for item in self.tree.scan_prefix(prefix) {
+                for item in self.tree.scan_prefix([prefix(class)]) {
                     if bytes <= target {
                         break;
                     }
                     let (k, v) = item?;
-                    bytes -= (k.len() + v.len()) as u64;
-                    n_events -= 1;
+                    let (count, last) = block_header(&v);
+                    let first_seq = seq_of(&k);
+                    bytes -= size(&k, &v);
+                    let acked = meta.partial.remove(&(class, first_seq));
+                    let already = acked.as_ref().map_or(0, |a| a.count as u64);
+                    // Events of the block still unacknowledged are the ones lost.
+                    let lost = count as u64 - already;
+                    n_events -= count as u64;
+                    meta.partial_events -= already;
                     if class == Class::Telemetry {
-                        n_tel -= 1;
+                        n_tel -= count as u64;
+                        meta.partial_telemetry -= already;
                     }
-                    let s = seq_of(&k);
-                    gap = Some(gap.map_or((1, s, s), |(n, a, b)| (n + 1, a.min(s), b.max(s))));
+                    if lost > 0 {
+                        dropped.add(lost, first_seq, last);
+                    }
                     batch.remove(k);
                 }
-                // Then this commit's own events of the class, oldest first.
-                for (i, (k, v)) in added.iter().enumerate() {
+                for b in blocks.iter_mut().filter(|b| b.0 == class) {
                     if bytes <= target {
                         break;
                     }
-                    if k[0] == prefix[0] && !dropped_new[i] {
-                        dropped_new[i] = true;
-                        bytes -= (k.len() + v.len()) as u64;
-                        n_events -= 1;
-                        if class == Class::Telemetry {
-                            n_tel -= 1;
-                        }
-                        let s = seq_of(k);
-                        gap = Some(gap.map_or((1, s, s), |(n, a, b)| (n + 1, a.min(s), b.max(s))));
+                    let (count, last) = block_header(&b.2);
+                    bytes -= size(&b.1, &b.2);
+                    n_events -= count as u64;
+                    if class == Class::Telemetry {
+                        n_tel -= count as u64;
                     }
+                    dropped.add(count as u64, seq_of(&b.1), last);
+                    b.3 = 0; // marks the block as dropped
                 }
             }
-            added = added
-                .into_iter()
-                .zip(dropped_new)
-                .filter_map(|(a, d)| (!d).then_some(a))
-                .collect();
+            blocks.retain(|b| b.3 > 0);
         }
-        if let Some((dropped, first_seq, last_seq)) = gap {
-            meta.dropped += dropped;
+        if let Some((n, first_seq, last_seq)) = dropped.0 {
+            meta.dropped += n;
             let e = Event::now(
                 None,
                 Body::Gap {
-                    dropped,
+                    dropped: n,
                     first_seq,
                     last_seq,
                 },
             );
             let k = key(Class::Keep, seq);
-            let v = e.encode(seq);
-            bytes += (k.len() + v.len()) as u64;
+            let v = encode_block(&[(seq, e.encode(seq))]);
+            bytes += size(&k, &v);
             n_events += 1;
-            added.push((k, v));
+            blocks.push((Class::Keep, k, v, 1));
             seq += 1;
             tracing::warn!(
-                dropped,
+                dropped = n,
                 first_seq,
                 last_seq,
                 "store full: dropped oldest events"
             );
         }
-        for (k, v) in &added {
+        for (_, k, v, _) in &blocks {
             batch.insert(&k[..], v.as_slice());
         }
         for (device, snap) in snapshots {
@@ -301,71 +428,137 @@ impl Store {
         Ok(self.tree.get(k)?.map(|v| v.to_vec()))
     }
 
-    /// Up to `max` stored events with seq >= `from`, in seq order.
+    /// Unacknowledged events of one class with seq >= `from`, in seq order, at most `max`.
+    fn class_from(
+        &self,
+        class: Class,
+        from: u64,
+        max: usize,
+        meta: &Meta,
+        out: &mut Vec<Stored>,
+    ) -> Result<(), StoreError> {
+        let lo = key(class, from);
+        // The block holding `from` may start before it.
+        let mut start = lo;
+        if let Some(item) = self.tree.range(key(class, 0)..=lo).next_back() {
+            let (k, v) = item?;
+            if block_header(&v).1 >= from {
+                start.copy_from_slice(&k);
+            }
+        }
+        for item in self.tree.range(start..key(class, u64::MAX)) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item?;
+            let block = seq_of(&k);
+            let (count, _) = block_header(&v);
+            let acked = meta.partial.get(&(class, block));
+            for (index, (seq, start, end)) in block_events(&v).enumerate() {
+                let index = index as u32;
+                if seq < from || acked.is_some_and(|a| a.contains(index)) {
+                    continue;
+                }
+                if out.len() >= max {
+                    break;
+                }
+                out.push(Stored {
+                    at: EventRef {
+                        seq,
+                        class,
+                        block,
+                        index,
+                        block_len: count,
+                    },
+                    block: v.clone(),
+                    span: (start, end),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `max` unacknowledged events with seq >= `from`, in seq order.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let mut keep = self
-            .tree
-            .range(key(Class::Keep, from)..key(Class::Keep, u64::MAX));
-        let mut tel = self
-            .tree
-            .range(key(Class::Telemetry, from)..key(Class::Telemetry, u64::MAX));
-        let mut out = Vec::with_capacity(max.min(1024));
-        let mut a = keep.next().transpose()?;
-        let mut b = tel.next().transpose()?;
+        let meta = lock(&self.meta);
+        let mut keep = Vec::new();
+        let mut tel = Vec::new();
+        self.class_from(Class::Keep, from, max, &meta, &mut keep)?;
+        self.class_from(Class::Telemetry, from, max, &meta, &mut tel)?;
+        drop(meta);
+        if tel.is_empty() {
+            return Ok(keep);
+        }
+        if keep.is_empty() {
+            return Ok(tel);
+        }
+        let mut out = Vec::with_capacity(max.min(keep.len() + tel.len()));
+        let (mut a, mut b) = (keep.into_iter().peekable(), tel.into_iter().peekable());
         while out.len() < max {
-            let take_a = match (&a, &b) {
-                (Some((ka, _)), Some((kb, _))) => seq_of(ka) < seq_of(kb),
+            let take_a = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => x.at.seq < y.at.seq,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
                 (None, None) => break,
             };
-            if take_a {
-                if let Some((k, v)) = a.take() {
-                    out.push(Stored {
-                        seq: seq_of(&k),
-                        class: Class::Keep,
-                        json: v.to_vec(),
-                    });
-                }
-                a = keep.next().transpose()?;
-            } else {
-                if let Some((k, v)) = b.take() {
-                    out.push(Stored {
-                        seq: seq_of(&k),
-                        class: Class::Telemetry,
-                        json: v.to_vec(),
-                    });
-                }
-                b = tel.next().transpose()?;
-            }
+            let next = if take_a { a.next() } else { b.next() };
+            out.extend(next);
         }
         Ok(out)
     }
 
-    /// Deletes events the broker acknowledged. Events already dropped are skipped.
-    /// Not flushed here: a crash before the next flush only causes a redelivery of the same seqs.
-    pub fn ack(&self, events: &[(u64, Class)]) -> Result<(), StoreError> {
+    /// Records PUBACKed events; a block is deleted once all its events are acknowledged.
+    /// Events already dropped are skipped. Not flushed here: a crash before the next flush only
+    /// causes a redelivery of the same seqs.
+    pub fn ack(&self, events: &[EventRef]) -> Result<(), StoreError> {
+        let mut events = events.to_vec();
+        events.sort_unstable_by_key(|r| (prefix(r.class), r.block));
         let mut meta = lock(&self.meta);
         let mut batch = sled::Batch::default();
-        let (mut bytes, mut n, mut tel) = (meta.bytes, meta.events, meta.telemetry);
-        for &(seq, class) in events {
-            let k = key(class, seq);
-            if let Some(v) = self.tree.get(k)? {
-                bytes = bytes.saturating_sub((k.len() + v.len()) as u64);
-                n = n.saturating_sub(1);
-                if class == Class::Telemetry {
-                    tel = tel.saturating_sub(1);
+        let mut changed = false;
+        let mut i = 0;
+        while i < events.len() {
+            let r = events[i];
+            let mut j = i;
+            while j < events.len() && events[j].block == r.block && events[j].class == r.class {
+                j += 1;
+            }
+            let group = &events[i..j];
+            i = j;
+            let id = (r.class, r.block);
+            if !meta.partial.contains_key(&id) && !self.tree.contains_key(key(r.class, r.block))? {
+                continue; // dropped (store full) or purged meanwhile
+            }
+            let set = meta.partial.entry(id).or_default();
+            let newly = group.iter().filter(|e| set.insert(e.index)).count() as u64;
+            let complete = set.count >= r.block_len;
+            meta.partial_events += newly;
+            if r.class == Class::Telemetry {
+                meta.partial_telemetry += newly;
+            }
+            if complete {
+                let set = meta.partial.remove(&id).unwrap_or_default();
+                let k = key(r.class, r.block);
+                if let Some(v) = self.tree.get(k)? {
+                    meta.bytes = meta.bytes.saturating_sub((k.len() + v.len()) as u64);
+                    let n = set.count as u64;
+                    meta.events = meta.events.saturating_sub(n);
+                    meta.partial_events -= n;
+                    if r.class == Class::Telemetry {
+                        meta.telemetry = meta.telemetry.saturating_sub(n);
+                        meta.partial_telemetry -= n;
+                    }
+                    batch.remove(&k[..]);
+                    changed = true;
                 }
-                batch.remove(&k[..]);
             }
         }
-        batch.insert(M_BYTES, &bytes.to_be_bytes());
-        batch.insert(M_EVENTS, &n.to_be_bytes());
-        batch.insert(M_TELEMETRY, &tel.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        meta.bytes = bytes;
-        meta.events = n;
-        meta.telemetry = tel;
+        if changed {
+            batch.insert(M_BYTES, &meta.bytes.to_be_bytes());
+            batch.insert(M_EVENTS, &meta.events.to_be_bytes());
+            batch.insert(M_TELEMETRY, &meta.telemetry.to_be_bytes());
+            self.tree.apply_batch(batch)?;
+        }
         Ok(())
     }
 
@@ -375,10 +568,10 @@ impl Store {
         if all.is_empty() {
             return Ok(None);
         }
-        let first = all.first().map_or(0, |s| s.seq);
-        let last = all.last().map_or(0, |s| s.seq);
+        let first = all.first().map_or(0, |s| s.at.seq);
+        let last = all.last().map_or(0, |s| s.at.seq);
         let n = all.len() as u64;
-        self.ack(&all.iter().map(|s| (s.seq, s.class)).collect::<Vec<_>>())?;
+        self.ack(&all.iter().map(|s| s.at).collect::<Vec<_>>())?;
         self.flush()?;
         Ok(Some((n, first, last)))
     }
@@ -392,20 +585,22 @@ impl Store {
     /// Current counters.
     pub fn stats(&self) -> Stats {
         let meta = lock(&self.meta);
-        let oldest = |p: &[u8]| {
-            self.tree
-                .scan_prefix(p)
-                .next()
-                .and_then(Result::ok)
-                .map(|(k, _)| seq_of(&k))
+        let oldest = |class: Class| -> Option<u64> {
+            let (k, v) = self.tree.scan_prefix([prefix(class)]).next()?.ok()?;
+            let acked = meta.partial.get(&(class, seq_of(&k)));
+            let first = block_events(&v)
+                .enumerate()
+                .find(|(i, _)| acked.is_none_or(|a| !a.contains(*i as u32)))
+                .map(|(_, (s, _, _))| s);
+            first
         };
-        let oldest_seq = match (oldest(b"k"), oldest(b"t")) {
+        let oldest_seq = match (oldest(Class::Keep), oldest(Class::Telemetry)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         Stats {
-            events: meta.events,
-            telemetry: meta.telemetry,
+            events: meta.events - meta.partial_events,
+            telemetry: meta.telemetry - meta.partial_telemetry,
             bytes: meta.bytes,
             next_seq: meta.next_seq,
             oldest_seq,

@@ -60,8 +60,10 @@ impl Writer {
     /// Runs until `shutdown`, then commits what is still queued.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut pending: Vec<Derived> = Vec::new();
+        // Gauges also move when the uplink drains without new commits.
+        let mut gauges = tokio::time::interval(Duration::from_millis(500));
         loop {
-            if pending.is_empty() {
+            while pending.is_empty() {
                 tokio::select! {
                     biased;
                     d = self.rx.recv() => match d {
@@ -69,7 +71,11 @@ impl Writer {
                         None => break,
                     },
                     _ = shutdown.cancelled() => break,
+                    _ = gauges.tick() => publish_gauges(&self.store),
                 }
+            }
+            if pending.is_empty() {
+                break;
             }
             let deadline = Instant::now() + self.interval;
             loop {

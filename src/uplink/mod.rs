@@ -10,7 +10,8 @@
 pub mod remote;
 pub mod tls;
 
-use crate::event::{payload, Class};
+use crate::event::payload;
+use crate::store::EventRef;
 use crate::store::Store;
 use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
@@ -85,7 +86,7 @@ pub struct Outbound {
 
 #[derive(Debug)]
 enum Sent {
-    Events(Vec<(u64, Class)>),
+    Events(Vec<EventRef>),
     Control,
 }
 
@@ -289,26 +290,32 @@ impl Uplink {
             // Keep the window full: resend from the oldest stored seq, then follow new commits.
             // While stopping, the backlog keeps draining until the deadline.
             let mut exhausted = false;
-            while unassigned.len() + inflight.len() < window {
-                let batch = self.store.read_from(cursor, self.cfg.max_batch)?;
-                let Some(last) = batch.last().map(|s| s.seq) else {
+            // Refill when a quarter of the window is free (or it is idle): one read then fills
+            // the whole free window, which is cheaper per event than one read per publish.
+            let busy = unassigned.len() + inflight.len();
+            let refill = busy == 0 || window.saturating_sub(busy) >= window.div_ceil(4);
+            while refill && unassigned.len() + inflight.len() < window {
+                let busy = unassigned.len() + inflight.len();
+                let room = window - busy;
+                let batch = self.store.read_from(cursor, room * self.cfg.max_batch)?;
+                let Some(last) = batch.last().map(|s| s.seq()) else {
                     exhausted = true;
                     break;
                 };
                 cursor = last + 1;
                 // Live traffic goes out one event per publish; a backlog in batches.
-                let groups: Vec<&[crate::store::Stored]> = if batch.len() < 8 {
-                    batch.chunks(1).collect()
+                let per_publish = if batch.len() < 8 {
+                    1
                 } else {
-                    vec![batch.as_slice()]
+                    self.cfg.max_batch
                 };
+                let groups = batch.chunks(per_publish);
                 for g in groups {
-                    let body = payload(&self.gateway, g.iter().map(|s| s.json.as_slice()));
+                    let body = payload(&self.gateway, g.iter().map(|s| s.json()));
                     client
                         .try_publish(events_topic.clone(), QoS::AtLeastOnce, false, body)
                         .map_err(|e| UplinkError::Session(e.to_string()))?;
-                    unassigned
-                        .push_back(Sent::Events(g.iter().map(|s| (s.seq, s.class)).collect()));
+                    unassigned.push_back(Sent::Events(g.iter().map(|s| s.at).collect()));
                 }
             }
             if let Some(deadline) = draining {
@@ -325,11 +332,21 @@ impl Uplink {
             }
             let room = unassigned.len() + inflight.len() < window;
             tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev, &mut unassigned, &mut inflight)?,
-                    Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
-                    None => return Err(UplinkError::Session("event loop ended".into())),
-                },
+                ev = events.recv() => {
+                    // Handle everything already queued before refilling the window once.
+                    let mut next = ev;
+                    loop {
+                        match next {
+                            Some(Ok(ev)) => self.on_event(ev, &mut unassigned, &mut inflight)?,
+                            Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
+                            None => return Err(UplinkError::Session("event loop ended".into())),
+                        }
+                        match events.try_recv() {
+                            Ok(ev) => next = Some(ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 _ = self.store.committed(), if room && draining.is_none() => {}
                 out = self.outbound.recv(), if room => {
                     if let Some(out) = out {
@@ -393,7 +410,6 @@ impl Uplink {
                     self.store.ack(&ev)?;
                     crate::metrics::PUBLISHES.inc();
                     crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
-                    crate::store::publish_gauges(&self.store);
                 }
             }
             Event::Incoming(Packet::Publish(p)) => {

@@ -1,0 +1,302 @@
+//! `cargo bench --bench pipeline`: the figures of floorgate's performance targets.
+//!
+//! 1. poll transactions/s over a PTY against the simulator;
+//! 2. events/s committed to the store;
+//! 3. events/s drained from a 1,000,000-event backlog to mosquitto over mTLS, next to a plain
+//!    rumqttc publisher of the same payloads (same broker, TLS, QoS 1 and window) in the same run;
+//! 4. RSS and CPU of `floorgate run` polling 64 simulated devices at 1 s.
+//!
+//! Results are printed and written to `target/bench/pipeline.json`.
+//! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the
+//! footprint window.
+#![allow(
+    clippy::unwrap_used,
+    unreachable_pub,
+    missing_debug_implementations,
+    dead_code
+)]
+
+#[path = "../tests/integration/support/broker.rs"]
+mod broker;
+
+use broker::{mqtt_options_with, tls_client_config, Broker, Pki};
+use floorgate::config::{Bus, BusKind, Parity};
+use floorgate::device::codec::{Table, Value};
+use floorgate::device::plan::ReadSpan;
+use floorgate::event::{payload, Body, Event};
+use floorgate::sim::SimFloor;
+use floorgate::store::Store;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn poll_rate() -> f64 {
+    let stop = CancellationToken::new();
+    let mut floor = SimFloor::new(1, 0);
+    floor.models = false;
+    let (pty, _) = floor.start_pty(stop.clone()).unwrap();
+    let bus = Bus {
+        name: "bench".into(),
+        kind: BusKind::Rtu {
+            port: pty,
+            baud: 115_200,
+            parity: Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+        },
+        timeout: Duration::from_millis(500),
+        retries: 0,
+        turnaround: Duration::ZERO,
+        max_gap: 8,
+        backoff_max: Duration::from_secs(1),
+    };
+    let mut link = floorgate::bus::link::Link::new(&bus);
+    let span = ReadSpan {
+        table: Table::Holding,
+        start: 0,
+        count: 11,
+    };
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < Duration::from_secs(3) {
+        link.read(1, span).await.unwrap();
+        n += 1;
+    }
+    stop.cancel();
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn event(i: u64) -> Event {
+    let mut values = BTreeMap::new();
+    values.insert(
+        "temperature".to_string(),
+        Value::Float(20.0 + (i % 100) as f64 / 10.0),
+    );
+    values.insert("stock".to_string(), Value::UInt(500 - i % 400));
+    let body = if i % 4 == 0 {
+        Body::Counter {
+            point: "bags_dispensed".into(),
+            delta: 1,
+            total: i,
+            reset: false,
+        }
+    } else {
+        Body::Telemetry { values }
+    };
+    Event {
+        ts: 1_790_000_000_000 + i,
+        clock_synced: true,
+        device: Some(format!("bags-{}", i % 64)),
+        body,
+    }
+}
+
+fn fill(store: &Store, n: u64, batch: u64) -> f64 {
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let events: Vec<Event> = (i..(i + batch).min(n)).map(event).collect();
+        store.commit(&events, &[]).unwrap();
+        i += batch;
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> f64 {
+    let cfg = format!(
+        "[gateway]\nid = \"bench-gw\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_batch = 100\nmax_inflight = 32\n",
+        broker.port,
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let config = floorgate::config::parse_str(&cfg, std::path::Path::new("bench.toml")).unwrap();
+    let up = floorgate::uplink::Uplink::new(
+        config.uplink.unwrap(),
+        "bench-gw",
+        store.clone(),
+        b"{}".to_vec(),
+    );
+    let stop = CancellationToken::new();
+    let t0 = Instant::now();
+    let task = tokio::spawn(up.run(stop.clone()));
+    while store.stats().events > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = task.await;
+    rate
+}
+
+async fn plain_publisher(payloads: Vec<Vec<u8>>, pki: &Pki, broker: &Broker, n: u64) -> f64 {
+    let tls = tls_client_config(&pki.ca_cert, Some((&pki.client_cert, &pki.client_key)));
+    let mut opts = mqtt_options_with(broker, "bench-plain", Some(tls));
+    opts.set_outgoing_inflight_upper_limit(32);
+    opts.set_max_packet_size(Some(8 << 20));
+    let (client, mut el) = AsyncClient::new(opts, 96);
+    let total = payloads.len();
+    let t0 = Instant::now();
+    let pump = tokio::spawn(async move {
+        let mut acks = 0;
+        while acks < total {
+            if let Ok(MqttEvent::Incoming(Packet::PubAck(_))) = el.poll().await {
+                acks += 1;
+            }
+        }
+    });
+    for p in payloads {
+        client
+            .publish("floorgate/bench/plain/events", QoS::AtLeastOnce, false, p)
+            .await
+            .unwrap();
+    }
+    pump.await.unwrap();
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn proc_stat(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu_s = (ticks(11) + ticks(12)) / 100.0; // utime + stime, USER_HZ = 100
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu_s, rss_kb / 1024.0)
+}
+
+async fn footprint(pki: &Pki, broker: &Broker, secs: u64) -> (f64, f64) {
+    let stop = CancellationToken::new();
+    let (tcp, _devs) = SimFloor::tcp(32, 32, stop.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "[gateway]\nid = \"bench-fp\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"off\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n",
+        dir.path().join("state").display(),
+        env!("CARGO_MANIFEST_DIR"),
+        broker.port,
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    for u in 1..=64 {
+        let profile = if u <= 32 {
+            "bag_dispenser"
+        } else {
+            "charging_cabinet"
+        };
+        text.push_str(&format!("[[device]]\nname = \"d{u}\"\nbus = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\npoll = \"1s\"\n"));
+    }
+    let path = dir.path().join("f.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (c0, _) = proc_stat(child.id());
+    let t0 = Instant::now();
+    let mut rss_max: f64 = 0.0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_max = rss_max.max(proc_stat(child.id()).1);
+    }
+    let (c1, _) = proc_stat(child.id());
+    let cpu = (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    stop.cancel();
+    (cpu, rss_max)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
+    let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 30);
+    println!("floorgate pipeline benchmark ({n} events backlog)");
+    let tx = poll_rate().await;
+    println!("  poll transactions/s over a PTY (11 registers each): {tx:.0}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
+    let commit = fill(&store, n, 1000);
+    println!("  events/s committed to the store (batches of 1000, flushed): {commit:.0}");
+    // The same payloads the uplink will send, for the plain publisher.
+    let mut payloads = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let b = store.read_from(cursor, 100).unwrap();
+        let Some(last) = b.last() else { break };
+        cursor = last.seq() + 1;
+        payloads.push(payload("bench-gw", b.iter().map(|s| s.json())));
+    }
+    let t0 = Instant::now();
+    let reopened = {
+        drop(Store::open(tempfile::tempdir().unwrap().path(), 4 << 20, 4 << 30).unwrap());
+        t0.elapsed()
+    };
+    let _ = reopened;
+
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let plain = plain_publisher(payloads, &pki, &broker, n).await;
+    println!("  plain rumqttc publisher, same payloads, mTLS QoS 1: {plain:.0} events/s");
+    let drained = drain(store.clone(), &pki, &broker, n).await;
+    println!("  floorgate drain of the backlog (store → PUBACK → delete): {drained:.0} events/s ({:.2} of plain)", drained / plain);
+    drop(store);
+    let t0 = Instant::now();
+    let s = Store::open(dir.path(), 4 << 20, 4 << 30).unwrap();
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    drop(s);
+    let (cpu, rss) = footprint(&pki, &broker, fp_secs).await;
+    println!("  floorgate run, 64 devices polled at 1 s over Modbus TCP: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
+    let result = json!({
+        "schema": "floorgate-bench/v1",
+        "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "os": std::env::consts::OS, "arch": std::env::consts::ARCH },
+        "poll_transactions_per_s_pty": tx,
+        "store_commit_events_per_s": commit,
+        "store_reopen_ms_after_drain": open_ms,
+        "drain_events_per_s": drained,
+        "plain_publisher_events_per_s": plain,
+        "drain_ratio_to_plain": drained / plain,
+        "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
+        "backlog_events": n,
+        "targets": { "drain_events_per_s": 100000, "drain_ratio_to_plain": 0.8, "rss_max_mib": 20, "cpu_percent": 2 }
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("pipeline.json"),
+        serde_json::to_string_pretty(&result).unwrap(),
+    )
+    .unwrap();
+    println!("  written to target/bench/pipeline.json");
+}
