@@ -12,6 +12,7 @@ pub mod broker;
 pub mod cabinet;
 mod device;
 mod floor;
+pub mod generic;
 mod model;
 mod pty;
 mod rtu;

@@ -266,3 +266,67 @@ async fn state_changes_counters_and_alarms_become_events() {
     rx.assert_seq_identity();
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_serves_any_profile_and_the_gateway_decodes_it() {
+    let port = crate::support::gateway::free_port();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/floorgate.example.toml");
+    let mut sim = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args([
+            "simulate",
+            "--profile",
+            "door_io",
+            "--count",
+            "2",
+            "--config",
+            example,
+            "--tcp",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut sub = subscribe(&broker, "floorgate/test/gw-any/events").await;
+    let example_profiles = format!(
+        "{}/config/floorgate.example.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let profile_text = std::fs::read_to_string(&example_profiles).unwrap();
+    let door_io = &profile_text[profile_text.find("[profiles.door_io]").unwrap()..];
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-any",
+            state,
+            metrics,
+            &format!(
+                "{}[[bus]]\nname = \"lan\"\ntcp = {{ address = \"127.0.0.1:{port}\" }}\n\n{}{}{door_io}",
+                uplink_for(&pki, &broker),
+                device("io-1", "lan", 1, "door_io", "200ms"),
+                device("io-2", "lan", 2, "door_io", "200ms"),
+            ),
+        )
+    });
+    let mut rx = Received::default();
+    let ok = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
+        ["io-1", "io-2"]
+            .iter()
+            .all(|d| rx.of(d, "counter").len() >= 2 && !rx.of(d, "telemetry").is_empty())
+    })
+    .await;
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(ok, "{:?}\n{}", rx.events, gw.log());
+    for e in rx.of("io-1", "telemetry") {
+        let t = e["values"]["room_temperature"].as_f64().unwrap();
+        assert!(
+            (15.0..=25.0).contains(&t),
+            "f32 CDAB decoded to a plausible value: {t}"
+        );
+    }
+    assert!(rx
+        .of("io-2", "counter")
+        .iter()
+        .all(|e| e["point"] == "openings" && e["delta"].as_u64() >= Some(1)));
+}
