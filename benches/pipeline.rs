@@ -268,10 +268,20 @@ async fn main() {
 
     let pki = Pki::generate();
     let broker = Broker::start_tls(&pki);
-    let plain = plain_publisher(payloads, &pki, &broker, n).await;
-    println!("  plain rumqttc publisher, same payloads, mTLS QoS 1: {plain:.0} events/s");
-    let drained = drain(store.clone(), &pki, &broker, n).await;
-    println!("  floorgate drain of the backlog (store → PUBACK → delete): {drained:.0} events/s ({:.2} of plain)", drained / plain);
+    // Three rounds, alternating, so that both sides see the same machine; best of each.
+    let mut plains = Vec::new();
+    let mut drains = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            fill(&store, n, 1000);
+        }
+        plains.push(plain_publisher(payloads.clone(), &pki, &broker, n).await);
+        drains.push(drain(store.clone(), &pki, &broker, n).await);
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (plain, drained) = (best(&plains), best(&drains));
+    println!("  plain rumqttc publisher, same payloads, mTLS QoS 1: {plain:.0} events/s (rounds: {plains:.0?})");
+    println!("  floorgate drain of the backlog (store → PUBACK → delete): {drained:.0} events/s ({:.2} of plain; rounds: {drains:.0?})", drained / plain);
     drop(store);
     let t0 = Instant::now();
     let s = Store::open(dir.path(), 4 << 20, 4 << 30).unwrap();
@@ -289,6 +299,8 @@ async fn main() {
         "drain_events_per_s": drained,
         "plain_publisher_events_per_s": plain,
         "drain_ratio_to_plain": drained / plain,
+        "drain_rounds_events_per_s": drains,
+        "plain_rounds_events_per_s": plains,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "backlog_events": n,
         "targets": { "drain_events_per_s": 100000, "drain_ratio_to_plain": 0.8, "rss_max_mib": 20, "cpu_percent": 2 }

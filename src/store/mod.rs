@@ -48,6 +48,8 @@ pub struct EventRef {
     pub index: u32,
     /// Events in the block.
     pub block_len: u32,
+    /// Bytes of the block's key and value.
+    pub block_bytes: u32,
 }
 
 /// An event as stored: where it is and its wire JSON (shared with its block, not copied).
@@ -145,6 +147,8 @@ const M_EVENTS: &[u8] = b"mevents";
 const M_TELEMETRY: &[u8] = b"mtelemetry";
 /// Events per block at most (a commit larger than this is split).
 const BLOCK_EVENTS: usize = 1000;
+/// Bytes per block at most (bounds the memory of one read).
+const BLOCK_BYTES: usize = 256 << 10;
 
 fn prefix(class: Class) -> u8 {
     match class {
@@ -300,7 +304,19 @@ impl Store {
         // New blocks, per class, oldest first.
         let mut blocks: Vec<(Class, [u8; 9], Vec<u8>, u32)> = Vec::new();
         for (class, list) in &by_class {
-            for chunk in list.chunks(BLOCK_EVENTS) {
+            let mut rest = list.as_slice();
+            while !rest.is_empty() {
+                let mut n = 0;
+                let mut bytes = 12;
+                while n < rest.len()
+                    && n < BLOCK_EVENTS
+                    && (n == 0 || bytes + 12 + rest[n].1.len() <= BLOCK_BYTES)
+                {
+                    bytes += 12 + rest[n].1.len();
+                    n += 1;
+                }
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
                 let k = key(*class, chunk[0].0);
                 blocks.push((*class, k, encode_block(chunk), chunk.len() as u32));
             }
@@ -469,6 +485,7 @@ impl Store {
                         block,
                         index,
                         block_len: count,
+                        block_bytes: (k.len() + v.len()) as u32,
                     },
                     block: v.clone(),
                     span: (start, end),
@@ -537,10 +554,11 @@ impl Store {
                 meta.partial_telemetry += newly;
             }
             if complete {
+                // The block exists: a drop would have removed its entry from `partial`.
                 let set = meta.partial.remove(&id).unwrap_or_default();
                 let k = key(r.class, r.block);
-                if let Some(v) = self.tree.get(k)? {
-                    meta.bytes = meta.bytes.saturating_sub((k.len() + v.len()) as u64);
+                {
+                    meta.bytes = meta.bytes.saturating_sub(r.block_bytes as u64);
                     let n = set.count as u64;
                     meta.events = meta.events.saturating_sub(n);
                     meta.partial_events -= n;

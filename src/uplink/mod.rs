@@ -16,7 +16,7 @@ use crate::store::Store;
 use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -221,25 +221,17 @@ impl Uplink {
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
         let opts = self.options()?;
-        let window = self.cfg.max_inflight as usize;
-        let (client, mut eventloop) = AsyncClient::new(opts, window + 64);
-        let (ev_tx, mut events) = mpsc::channel::<Result<Event, ConnectionError>>(1024);
-        let pump = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let stop = ev.is_err();
-                if ev_tx.send(ev).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        let _abort = AbortOnDrop(pump);
+        // Twice the broker-side window: publishes queue in rumqttc's channel, ready to go out the
+        // moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
+        let window = self.cfg.max_inflight as usize * 2;
+        let (client, eventloop) = AsyncClient::new(opts, window + 64);
+        let mut events = Driver::new(eventloop);
 
         // Wait for CONNACK.
         let connect_deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let ev = tokio::select! {
-                ev = events.recv() => ev,
+                ev = events.next() => Some(ev),
                 _ = tokio::time::sleep_until(connect_deadline) => return Err(UplinkError::Session("no CONNACK within 15s".into())),
                 _ = shutdown.cancelled() => return Ok(()),
             };
@@ -290,10 +282,10 @@ impl Uplink {
             // Keep the window full: resend from the oldest stored seq, then follow new commits.
             // While stopping, the backlog keeps draining until the deadline.
             let mut exhausted = false;
-            // Refill when a quarter of the window is free (or it is idle): one read then fills
+            // Refill when an eighth of the window is free (or it is idle): one read then fills
             // the whole free window, which is cheaper per event than one read per publish.
             let busy = unassigned.len() + inflight.len();
-            let refill = busy == 0 || window.saturating_sub(busy) >= window.div_ceil(4);
+            let refill = busy == 0 || window.saturating_sub(busy) >= window.div_ceil(8);
             while refill && unassigned.len() + inflight.len() < window {
                 let busy = unassigned.len() + inflight.len();
                 let room = window - busy;
@@ -332,19 +324,15 @@ impl Uplink {
             }
             let room = unassigned.len() + inflight.len() < window;
             tokio::select! {
-                ev = events.recv() => {
-                    // Handle everything already queued before refilling the window once.
-                    let mut next = ev;
-                    loop {
-                        match next {
-                            Some(Ok(ev)) => self.on_event(ev, &mut unassigned, &mut inflight)?,
-                            Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
-                            None => return Err(UplinkError::Session("event loop ended".into())),
+                ev = events.next() => {
+                    // Handle everything already available before refilling the window once.
+                    let mut next = Some(ev);
+                    while let Some(ev) = next {
+                        match ev {
+                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight)?,
+                            Err(e) => return Err(UplinkError::Session(describe(&e))),
                         }
-                        match events.try_recv() {
-                            Ok(ev) => next = Some(ev),
-                            Err(_) => break,
-                        }
+                        next = events.try_next();
                     }
                 }
                 _ = self.store.committed(), if room && draining.is_none() => {}
@@ -371,7 +359,7 @@ impl Uplink {
         );
         let _ = client.try_disconnect();
         let deadline = Instant::now() + Duration::from_secs(2);
-        while let Ok(Some(Ok(ev))) = tokio::time::timeout_at(deadline, events.recv()).await {
+        while let Ok(Ok(ev)) = tokio::time::timeout_at(deadline, events.next()).await {
             if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
                 break;
             }
@@ -435,11 +423,46 @@ impl Uplink {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Drives rumqttc's event loop in its own task (its poll is never cancelled half-way through a
+/// write) and hands the notifications over; the uplink task and the event loop then run on both
+/// cores, which matters when draining a backlog.
+struct Driver {
+    rx: mpsc::Receiver<Result<Event, ConnectionError>>,
+    task: tokio::task::JoinHandle<()>,
+}
 
-impl Drop for AbortOnDrop {
+impl Driver {
+    fn new(mut el: EventLoop) -> Driver {
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let stop = ev.is_err();
+                if tx.send(ev).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Driver { rx, task }
+    }
+
+    /// The next event loop notification (cancel-safe).
+    async fn next(&mut self) -> Result<Event, ConnectionError> {
+        self.rx
+            .recv()
+            .await
+            .unwrap_or(Err(ConnectionError::RequestsDone))
+    }
+
+    /// A notification that is ready now, if any.
+    fn try_next(&mut self) -> Option<Result<Event, ConnectionError>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
