@@ -128,6 +128,7 @@ async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> f64 {
         "bench-gw",
         store.clone(),
         b"{}".to_vec(),
+        Arc::default(),
     );
     let stop = CancellationToken::new();
     let t0 = Instant::now();

@@ -54,6 +54,19 @@ pub struct Shared {
     pub store: Arc<Store>,
     /// Device health.
     pub health: Health,
+    /// Uplink state (kept across reloads).
+    pub uplink: Arc<UplinkState>,
+}
+
+impl Shared {
+    /// Shared state around an opened store.
+    pub fn new(store: Arc<Store>) -> Shared {
+        Shared {
+            store,
+            health: Health::default(),
+            uplink: Arc::default(),
+        }
+    }
 }
 
 fn birth(_config: &Config) -> Vec<u8> {
@@ -90,6 +103,7 @@ impl Pipeline {
                     &config.gateway.id,
                     shared.store.clone(),
                     birth(config),
+                    shared.uplink.clone(),
                 );
                 up.options()?; // refuse unusable TLS files before anything starts
                 Some(up)
@@ -157,10 +171,7 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         config.store.cache_bytes,
         config.store.max_bytes,
     )?);
-    let shared = Shared {
-        store: store.clone(),
-        health: Health::default(),
-    };
+    let shared = Shared::new(store);
     run_with(
         opts.config.as_path(),
         config,
@@ -190,6 +201,19 @@ pub async fn run_with(
         next_seq = stats.next_seq,
         "floorgate running"
     );
+    let control_stop = CancellationToken::new();
+    let control = crate::control::Control {
+        gateway: config.gateway.id.clone(),
+        config_version: None,
+        started_ms: crate::event::now_ms(),
+        store: shared.store.clone(),
+        health: shared.health.clone(),
+        uplink: shared.uplink.clone(),
+        uplink_configured: config.uplink.is_some(),
+        acked: Arc::default(),
+    };
+    let socket = config.gateway.control_socket.clone();
+    let control_task = tokio::spawn(control.serve(socket.clone(), control_stop.clone()));
     crate::systemd::notify("READY=1");
     let mut watchdog = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -198,8 +222,10 @@ pub async fn run_with(
             _ = int.recv() => break,
             _ = stop.cancelled() => break,
             _ = watchdog.tick() => {
-                if pipeline.alive() {
+                if pipeline.alive() && progressing(&shared) {
                     crate::systemd::notify("WATCHDOG=1");
+                } else {
+                    tracing::error!("pipeline makes no progress; withholding the watchdog ping");
                 }
             }
             _ = hup.recv() => {
@@ -223,6 +249,11 @@ pub async fn run_with(
     tracing::info!("stopping: draining pollers, store and uplink");
     crate::systemd::notify("STOPPING=1");
     pipeline.stop().await;
+    control_stop.cancel();
+    match control_task.await {
+        Ok(Err(error)) => tracing::warn!(path = %socket.display(), %error, "control socket failed"),
+        _ => {}
+    }
     shared.store.flush()?;
     tracing::info!("stopped");
     Ok(())
@@ -234,4 +265,18 @@ impl Pipeline {
         !self.writer_task.is_finished()
             && self.uplink_task.as_ref().is_none_or(|t| !t.is_finished())
     }
+}
+
+/// The writer looped recently and every bus task completed a poll or probe within its longest
+/// back-off (plus slack). A task stuck forever stops the watchdog pings, so systemd restarts us.
+fn progressing(shared: &Shared) -> bool {
+    let now = crate::event::now_ms();
+    let writer = crate::metrics::WRITER_BEAT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(writer) > 10_000 {
+        return false;
+    }
+    let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+    h.buses
+        .values()
+        .all(|b| now.saturating_sub(b.last_activity_ms) <= b.backoff_max_ms + 30_000)
 }

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod event;

@@ -74,6 +74,9 @@ pub static CONNECT_FAILURES: Counter = Counter::new(
     "Failed MQTT connection attempts or lost sessions.",
 );
 
+/// Unix ms of the store writer's last loop (watchdog: the pipeline makes progress).
+pub static WRITER_BEAT_MS: AtomicU64 = AtomicU64::new(0);
+
 static COUNTERS: [&Counter; 7] = [
     &STORE_COMMITS,
     &STORE_ERRORS,

@@ -33,8 +33,40 @@ pub struct DeviceHealth {
     pub latency_ms: f64,
 }
 
-/// Shared view of all devices' health (status, health gate of remote config).
-pub type Health = Arc<Mutex<BTreeMap<String, DeviceHealth>>>;
+/// What `status` shows about one bus.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BusHealth {
+    /// Transactions since start.
+    pub transactions: u64,
+    /// Timeouts since start.
+    pub timeouts: u64,
+    /// Invalid replies (CRC errors, garbage, wrong length) since start.
+    pub invalid: u64,
+    /// Modbus exception replies since start.
+    pub exceptions: u64,
+    /// Port or connection failures since start.
+    pub transport_errors: u64,
+    /// Time spent in transactions, ms.
+    pub busy_ms: f64,
+    /// Unix ms when the bus task started.
+    pub since_ms: u64,
+    /// Unix ms of the last completed poll or probe (watchdog).
+    pub last_activity_ms: u64,
+    /// Longest back-off: the task is stuck when silent for much longer than this.
+    pub backoff_max_ms: u64,
+}
+
+/// Health of devices and buses, shared with `status`, the watchdog and the remote-config gate.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    /// By device name.
+    pub devices: BTreeMap<String, DeviceHealth>,
+    /// By bus name.
+    pub buses: BTreeMap<String, BusHealth>,
+}
+
+/// Shared view of all devices' and buses' health.
+pub type Health = Arc<Mutex<HealthState>>;
 
 struct Dev {
     cfg: Device,
@@ -117,13 +149,21 @@ impl BusTask {
                 failures_in_row: 0,
             });
             let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-            h.insert(
+            h.devices.insert(
                 d.name.clone(),
                 DeviceHealth {
                     bus: bus.name.clone(),
                     ..Default::default()
                 },
             );
+        }
+        if !devices.is_empty() {
+            let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+            let now = crate::event::now_ms();
+            let b = h.buses.entry(bus.name.clone()).or_default();
+            b.since_ms = now;
+            b.last_activity_ms = now;
+            b.backoff_max_ms = bus.backoff_max.as_millis() as u64;
         }
         Ok(BusTask {
             cfg: bus.clone(),
@@ -180,7 +220,23 @@ impl BusTask {
                 if shutdown.is_cancelled() {
                     return false;
                 }
+                let t0 = Instant::now();
                 let r = self.link.read(dev.cfg.unit, span).await;
+                let took = t0.elapsed();
+                {
+                    let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(b) = h.buses.get_mut(&bus) {
+                        b.transactions += 1;
+                        b.busy_ms += took.as_secs_f64() * 1e3;
+                        match &r {
+                            Err(TxError::Timeout) => b.timeouts += 1,
+                            Err(TxError::Invalid(_)) => b.invalid += 1,
+                            Err(TxError::Exception { .. }) => b.exceptions += 1,
+                            Err(TxError::Transport(_)) => b.transport_errors += 1,
+                            Ok(_) => {}
+                        }
+                    }
+                }
                 crate::metrics::count(
                     "floorgate_bus_transactions_total",
                     "Modbus transactions.",
@@ -241,7 +297,10 @@ impl BusTask {
         };
         {
             let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(h) = h.get_mut(&dev.cfg.name) {
+            if let Some(b) = h.buses.get_mut(&bus) {
+                b.last_activity_ms = crate::event::now_ms();
+            }
+            if let Some(h) = h.devices.get_mut(&dev.cfg.name) {
                 h.online = dev.deriver.online();
                 h.latency_ms = latency.as_secs_f64() * 1e3;
                 match &ok {

@@ -189,10 +189,7 @@ poll = "500ms"
         )
         .map_err(Failure::new)?,
     );
-    let shared = Shared {
-        store: store.clone(),
-        health: Default::default(),
-    };
+    let shared = Shared::new(store.clone());
     println!("floorgate demo");
     println!(
         "  floor:  3 devices on RS485 ({}), 2 on Modbus TCP ({tcp})",

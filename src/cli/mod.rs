@@ -1,9 +1,11 @@
 //! The command line: one file per subcommand; errors become one-line causes and exit codes.
 
+mod buffer;
 mod config_cmd;
 mod demo;
 mod run;
 mod simulate;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,11 @@ enum Command {
     Demo(demo::Args),
     /// Run simulated devices on Modbus TCP or a serial port / pseudo-terminal.
     Simulate(simulate::Args),
+    /// Ask the running daemon for devices, buses, buffer, uplink and config version.
+    Status(status::Args),
+    /// Inspect, export or purge the offline buffer.
+    #[command(subcommand)]
+    Buffer(buffer::Command),
     /// Configuration files: validate.
     #[command(subcommand)]
     Config(config_cmd::Command),
@@ -107,6 +114,8 @@ pub fn main() -> i32 {
             Command::Demo(a) => demo::run(a).await,
             Command::Simulate(a) => simulate::run(a).await,
             Command::Config(c) => config_cmd::run(c).await,
+            Command::Status(a) => status::run(a).await,
+            Command::Buffer(c) => buffer::run(c).await,
         }
     });
     match result {

@@ -63,6 +63,8 @@ impl Writer {
         // Gauges also move when the uplink drains without new commits.
         let mut gauges = tokio::time::interval(Duration::from_millis(500));
         loop {
+            crate::metrics::WRITER_BEAT_MS
+                .store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
             while pending.is_empty() {
                 tokio::select! {
                     biased;
@@ -71,7 +73,10 @@ impl Writer {
                         None => break,
                     },
                     _ = shutdown.cancelled() => break,
-                    _ = gauges.tick() => publish_gauges(&self.store),
+                    _ = gauges.tick() => {
+                        publish_gauges(&self.store);
+                        crate::metrics::WRITER_BEAT_MS.store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
             }
             if pending.is_empty() {

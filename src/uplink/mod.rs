@@ -113,13 +113,14 @@ impl Uplink {
         gateway: &str,
         store: Arc<Store>,
         birth: Vec<u8>,
+        state: Arc<UplinkState>,
     ) -> Uplink {
         let (outbound_tx, outbound) = mpsc::channel(256);
         Uplink {
             cfg,
             gateway: gateway.to_string(),
             store,
-            state: Arc::default(),
+            state,
             subscriptions: Vec::new(),
             incoming: None,
             outbound,

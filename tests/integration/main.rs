@@ -5,6 +5,7 @@ mod support;
 
 mod config;
 mod daemon;
+mod operate;
 mod pipeline;
 mod resilience;
 mod schema;
