@@ -250,9 +250,8 @@ pub async fn run_with(
     crate::systemd::notify("STOPPING=1");
     pipeline.stop().await;
     control_stop.cancel();
-    match control_task.await {
-        Ok(Err(error)) => tracing::warn!(path = %socket.display(), %error, "control socket failed"),
-        _ => {}
+    if let Ok(Err(error)) = control_task.await {
+        tracing::warn!(path = %socket.display(), %error, "control socket failed");
     }
     shared.store.flush()?;
     tracing::info!("stopped");
