@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand; errors become one-line causes and exit codes.
 
 mod buffer;
+mod check;
 mod config_cmd;
 mod demo;
 mod run;
@@ -31,6 +32,8 @@ enum Command {
     Demo(demo::Args),
     /// Run simulated devices on Modbus TCP or a serial port / pseudo-terminal.
     Simulate(simulate::Args),
+    /// Validate the configuration and the environment (ports, certificates, keys, broker, disk, clock).
+    Check(check::Args),
     /// Ask the running daemon for devices, buses, buffer, uplink and config version.
     Status(status::Args),
     /// Inspect, export or purge the offline buffer.
@@ -115,6 +118,7 @@ pub fn main() -> i32 {
             Command::Simulate(a) => simulate::run(a).await,
             Command::Config(c) => config_cmd::run(c).await,
             Command::Status(a) => status::run(a).await,
+            Command::Check(a) => check::run(a).await,
             Command::Buffer(c) => buffer::run(c).await,
         }
     });

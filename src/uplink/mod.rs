@@ -185,6 +185,34 @@ impl Uplink {
         Ok(o)
     }
 
+    /// Connects once (TLS handshake, MQTT CONNECT/CONNACK) and disconnects: `floorgate check`.
+    pub async fn probe(&self, within: Duration) -> Result<(), UplinkError> {
+        let opts = self.options()?;
+        let (client, eventloop) = AsyncClient::new(opts, 8);
+        let mut events = Driver::new(eventloop);
+        let deadline = Instant::now() + within;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .map_err(|_| UplinkError::Session(format!("no CONNACK within {within:?}")))?;
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(UplinkError::Session(format!(
+                            "broker refused connection: {:?}",
+                            ack.code
+                        )));
+                    }
+                    let _ = client.try_disconnect();
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(UplinkError::Session(describe(&e))),
+            }
+        }
+    }
+
     /// Runs sessions with jittered exponential back-off until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(250);

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod check;
 mod config;
 mod daemon;
 mod operate;
