@@ -5,6 +5,7 @@ mod check;
 mod config_cmd;
 mod demo;
 mod run;
+mod setup;
 mod simulate;
 mod status;
 
@@ -32,6 +33,8 @@ enum Command {
     Demo(demo::Args),
     /// Run simulated devices on Modbus TCP or a serial port / pseudo-terminal.
     Simulate(simulate::Args),
+    /// Field installer wizard: ports, scan, profiles, uplink, config, service (or all by flags).
+    Setup(setup::Args),
     /// Validate the configuration and the environment (ports, certificates, keys, broker, disk, clock).
     Check(check::Args),
     /// Ask the running daemon for devices, buses, buffer, uplink and config version.
@@ -119,6 +122,7 @@ pub fn main() -> i32 {
             Command::Config(c) => config_cmd::run(c).await,
             Command::Status(a) => status::run(a).await,
             Command::Check(a) => check::run(a).await,
+            Command::Setup(a) => setup::run(a).await,
             Command::Buffer(c) => buffer::run(c).await,
         }
     });

@@ -10,3 +10,4 @@ mod operate;
 mod pipeline;
 mod resilience;
 mod schema;
+mod setup;
