@@ -179,7 +179,7 @@ fn interactive_setup_asks_and_writes_through_a_terminal() {
         }
     });
     let mut screen = String::new();
-    let mut expect = |needle: &str, screen: &mut String| {
+    let expect = |needle: &str, screen: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !screen.contains(needle) {
             let left = deadline.saturating_duration_since(Instant::now());
