@@ -93,6 +93,35 @@ struct Family {
     series: BTreeMap<String, f64>,
 }
 
+/// Bucket bounds of every histogram, seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+struct Histogram {
+    help: &'static str,
+    series: BTreeMap<String, ([u64; 12], u64, f64)>,
+}
+
+static HISTOGRAMS: Mutex<BTreeMap<&'static str, Histogram>> = Mutex::new(BTreeMap::new());
+
+/// Records one observation (seconds) in a labelled histogram.
+pub fn observe(name: &'static str, help: &'static str, pairs: &[(&str, &str)], secs: f64) {
+    let mut map = HISTOGRAMS.lock().unwrap_or_else(|p| p.into_inner());
+    let h = map.entry(name).or_insert_with(|| Histogram {
+        help,
+        series: BTreeMap::new(),
+    });
+    let (buckets, count, sum) = h.series.entry(labels(pairs)).or_insert(([0; 12], 0, 0.0));
+    for (i, b) in BUCKETS.iter().enumerate() {
+        if secs <= *b {
+            buckets[i] += 1;
+        }
+    }
+    *count += 1;
+    *sum += secs;
+}
+
 static LABELED: Mutex<BTreeMap<&'static str, Family>> = Mutex::new(BTreeMap::new());
 
 fn labels(pairs: &[(&str, &str)]) -> String {
@@ -167,6 +196,27 @@ pub fn render() -> String {
             } else {
                 let _ = writeln!(out, "{name}{{{l}}} {v}");
             }
+        }
+    }
+    drop(map);
+    let hist = HISTOGRAMS.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, h) in hist.iter() {
+        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", h.help);
+        for (l, (buckets, count, sum)) in &h.series {
+            let sep = if l.is_empty() { "" } else { "," };
+            for (b, n) in BUCKETS.iter().zip(buckets) {
+                let _ = writeln!(out, "{name}_bucket{{{l}{sep}le=\"{b}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{l}{sep}le=\"+Inf\"}} {count}");
+            let braces = if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{l}}}")
+            };
+            let _ = writeln!(
+                out,
+                "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
+            );
         }
     }
     out

@@ -315,6 +315,21 @@ impl BusTask {
                 }
             }
         }
+        crate::metrics::count(
+            "floorgate_device_polls_total",
+            "Device polls by result.",
+            &[
+                ("device", &dev.cfg.name),
+                ("result", if ok.is_none() { "ok" } else { "failed" }),
+            ],
+            1,
+        );
+        crate::metrics::observe(
+            "floorgate_poll_duration_seconds",
+            "Duration of one device poll (all its transactions).",
+            &[("bus", &bus)],
+            latency.as_secs_f64(),
+        );
         crate::metrics::gauge(
             "floorgate_device_online",
             "1 when the device answered its last poll.",

@@ -555,9 +555,11 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
         );
         match up.probe(Duration::from_secs(10)).await {
             Ok(()) => println!("broker: TLS handshake and MQTT connect succeeded"),
-            Err(e) => return Err(Failure::new(format!(
+            Err(e) => {
+                return Err(Failure::new(format!(
                 "broker test failed: {e} (nothing was written; --skip-uplink-test to write anyway)"
-            ))),
+            )))
+            }
         }
     }
 

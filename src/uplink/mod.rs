@@ -220,6 +220,12 @@ impl Uplink {
             let started = Instant::now();
             let result = self.session(&shutdown).await;
             self.state.connected.store(false, Ordering::Relaxed);
+            crate::metrics::gauge(
+                "floorgate_uplink_connected",
+                "1 while an MQTT session is established.",
+                &[],
+                0.0,
+            );
             match result {
                 Ok(()) => return,
                 Err(error) => {
@@ -281,6 +287,12 @@ impl Uplink {
             }
         }
         self.state.connected.store(true, Ordering::Relaxed);
+        crate::metrics::gauge(
+            "floorgate_uplink_connected",
+            "1 while an MQTT session is established.",
+            &[],
+            1.0,
+        );
         self.state.sessions.fetch_add(1, Ordering::Relaxed);
         crate::metrics::RECONNECTS.inc();
         tracing::info!(host = %self.cfg.host, port = self.cfg.port, "uplink connected");
@@ -288,7 +300,7 @@ impl Uplink {
         let prefix = self.cfg.topic_prefix.clone();
         let events_topic = format!("{prefix}/events");
         let mut unassigned: VecDeque<Sent> = VecDeque::new();
-        let mut inflight: HashMap<u16, Sent> = HashMap::new();
+        let mut inflight: HashMap<u16, (Sent, Instant)> = HashMap::new();
         for t in &self.subscriptions {
             client
                 .subscribe(t.clone(), QoS::AtLeastOnce)
@@ -400,18 +412,24 @@ impl Uplink {
         &mut self,
         ev: Event,
         unassigned: &mut VecDeque<Sent>,
-        inflight: &mut HashMap<u16, Sent>,
+        inflight: &mut HashMap<u16, (Sent, Instant)>,
     ) -> Result<(), UplinkError> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(sent) = unassigned.pop_front() {
-                    inflight.insert(pkid, sent);
+                    inflight.insert(pkid, (sent, Instant::now()));
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                let Some(sent) = inflight.remove(&ack.pkid) else {
+                let Some((sent, at)) = inflight.remove(&ack.pkid) else {
                     return Ok(());
                 };
+                crate::metrics::observe(
+                    "floorgate_uplink_puback_latency_seconds",
+                    "Time from a publish leaving to its PUBACK.",
+                    &[],
+                    at.elapsed().as_secs_f64(),
+                );
                 if !matches!(
                     ack.reason,
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers
