@@ -31,6 +31,8 @@ pub struct Control {
     pub uplink: Arc<UplinkState>,
     /// Whether an uplink is configured.
     pub uplink_configured: bool,
+    /// Wakes the daemon to reload its effective configuration.
+    pub reload: Arc<tokio::sync::Notify>,
     /// Drain rate sampler: (unix ms, events acknowledged) one per second, last 10.
     pub acked: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>>,
 }
@@ -120,6 +122,10 @@ impl Control {
         match req["cmd"].as_str() {
             Some("status") => self.status(),
             Some("buffer_stats") => buffer_stats(&self.store),
+            Some("reload") => {
+                self.reload.notify_one();
+                json!({ "reloading": true })
+            }
             Some("buffer_export") => {
                 let max = req["max"].as_u64().unwrap_or(u64::MAX) as usize;
                 match self.store.read_from(0, max) {

@@ -2,13 +2,14 @@
 //! (SIGTERM drains and exits, SIGHUP reloads the configuration without touching the store).
 
 use crate::bus::{BusTask, Health};
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors};
 use crate::store::{Store, Writer};
-use crate::uplink::{Uplink, UplinkState};
+use crate::uplink::{Incoming, Outbound, Outbox, Uplink, UplinkState};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -56,31 +57,60 @@ pub struct Shared {
     pub health: Health,
     /// Uplink state (kept across reloads).
     pub uplink: Arc<UplinkState>,
+    /// Messages the gateway publishes (config state, command results); survives reloads.
+    pub outbox_tx: mpsc::Sender<Outbound>,
+    outbox: Outbox,
+    incoming_tx: mpsc::Sender<Incoming>,
+    incoming_rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<Incoming>>>>,
+    /// Asks the daemon to reload its effective configuration (control socket, `config rollback`).
+    pub reload: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
     /// Shared state around an opened store.
     pub fn new(store: Arc<Store>) -> Shared {
+        let (outbox_tx, outbox) = mpsc::channel(256);
+        let (incoming_tx, incoming_rx) = mpsc::channel(64);
         Shared {
             store,
             health: Health::default(),
             uplink: Arc::default(),
+            outbox_tx,
+            outbox: Arc::new(tokio::sync::Mutex::new(outbox)),
+            incoming_tx,
+            incoming_rx: Arc::new(std::sync::Mutex::new(Some(incoming_rx))),
+            reload: Arc::default(),
+        }
+    }
+
+    fn publish(&self, subtopic: &str, payload: &impl serde::Serialize, retain: bool) {
+        let msg = Outbound {
+            subtopic: subtopic.to_string(),
+            payload: serde_json::to_vec(payload).unwrap_or_default(),
+            retain,
+        };
+        if self.outbox_tx.try_send(msg).is_err() {
+            tracing::warn!(subtopic, "outbox full; message dropped");
         }
     }
 }
 
-fn birth(_config: &Config) -> Vec<u8> {
+fn birth(_config: &Config, version: Option<u64>) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "state": "online",
         "version": env!("CARGO_PKG_VERSION"),
-        "config_version": serde_json::Value::Null,
+        "config_version": version,
         "started": crate::event::now_ms(),
     }))
     .unwrap_or_default()
 }
 
 impl Pipeline {
-    fn start(config: &Config, shared: &Shared) -> Result<Pipeline, DaemonError> {
+    fn start(
+        config: &Config,
+        shared: &Shared,
+        version: Option<u64>,
+    ) -> Result<Pipeline, DaemonError> {
         let pollers = CancellationToken::new();
         let writer_token = CancellationToken::new();
         let uplink_token = CancellationToken::new();
@@ -98,13 +128,24 @@ impl Pipeline {
         }
         let uplink = match &config.uplink {
             Some(u) => {
-                let up = Uplink::new(
+                let mut up = Uplink::new(
                     u.clone(),
                     &config.gateway.id,
                     shared.store.clone(),
-                    birth(config),
+                    birth(config, version),
                     shared.uplink.clone(),
                 );
+                let mut topics = vec![
+                    format!("{}/config/set", u.topic_prefix),
+                    format!("{}/cmd", u.topic_prefix),
+                ];
+                for g in &config.gateway.groups {
+                    topics.push(format!(
+                        "floorgate/{}/groups/{g}/config/set",
+                        config.gateway.site
+                    ));
+                }
+                up.control(topics, shared.incoming_tx.clone(), shared.outbox.clone());
                 up.options()?; // refuse unusable TLS files before anything starts
                 Some(up)
             }
@@ -165,7 +206,7 @@ pub struct RunOptions {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
-    let config = config::load(&opts.config)?;
+    let (config, _) = crate::remote::load_effective(&opts.config)?;
     let store = Arc::new(Store::open(
         &config.gateway.state_dir,
         config.store.cache_bytes,
@@ -191,7 +232,17 @@ pub async fn run_with(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut pipeline = Pipeline::start(&config, &shared)?;
+    let history = crate::remote::History::new(&config.gateway.state_dir);
+    let mut version = history.current();
+    let mut pipeline = Pipeline::start(&config, &shared, version)?;
+    let mut incoming = shared
+        .incoming_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| std::io::Error::other("daemon already running with this shared state"))?;
+    let mut gate: Option<Gate> = None;
+    let mut gate_tick = tokio::time::interval(Duration::from_millis(250));
     let stats = shared.store.stats();
     tracing::info!(
         gateway = %config.gateway.id,
@@ -204,12 +255,13 @@ pub async fn run_with(
     let control_stop = CancellationToken::new();
     let control = crate::control::Control {
         gateway: config.gateway.id.clone(),
-        config_version: None,
+        config_version: version,
         started_ms: crate::event::now_ms(),
         store: shared.store.clone(),
         health: shared.health.clone(),
         uplink: shared.uplink.clone(),
         uplink_configured: config.uplink.is_some(),
+        reload: shared.reload.clone(),
         acked: Arc::default(),
     };
     let socket = config.gateway.control_socket.clone();
@@ -228,14 +280,71 @@ pub async fn run_with(
                     tracing::error!("pipeline makes no progress; withholding the watchdog ping");
                 }
             }
+            msg = incoming.recv() => {
+                let Some(msg) = msg else { continue };
+                if msg.topic.ends_with("/config/set") {
+                    if let Some(g) = on_config_set(&msg, path, &config, &shared, &history, gate.is_some()) {
+                        tracing::info!(version = g.version, "applying pushed configuration");
+                        let online = online_devices(&shared);
+                        pipeline.stop().await;
+                        let previous = (config.clone(), version);
+                        config = g.config.clone();
+                        version = Some(g.version);
+                        match Pipeline::start(&config, &shared, version) {
+                            Ok(p) => {
+                                pipeline = p;
+                                gate = Some(Gate::new(g, previous, &shared, online));
+                            }
+                            Err(error) => {
+                                let why = format!("cannot start with the new configuration: {error}");
+                                (config, version) = previous;
+                                pipeline = Pipeline::start(&config, &shared, version)?;
+                                finish(&shared, &history, g.version, "rolled_back", Some(&why), version);
+                            }
+                        }
+                    }
+                } else {
+                    tracing::debug!(topic = %msg.topic, "control message not handled here");
+                }
+            }
+            _ = gate_tick.tick(), if gate.is_some() => {
+                let Some(g) = gate.as_ref() else { continue };
+                match g.verdict(&shared) {
+                    Verdict::Wait => {}
+                    Verdict::Pass => {
+                        finish(&shared, &history, g.version, "applied", None, version);
+                        tracing::info!(version = g.version, "pushed configuration passed its health gate");
+                        gate = None;
+                    }
+                    Verdict::Fail(why) => {
+                        tracing::error!(version = g.version, reason = %why, "pushed configuration failed its health gate; rolling back");
+                        let g = gate.take().ok_or_else(|| std::io::Error::other("gate"))?;
+                        pipeline.stop().await;
+                        (config, version) = g.previous;
+                        pipeline = Pipeline::start(&config, &shared, version)?;
+                        finish(&shared, &history, g.version, "rolled_back", Some(&why), version);
+                    }
+                }
+            }
+            _ = shared.reload.notified() => {
+                tracing::info!("reload requested over the control socket");
+                match crate::remote::load_effective(path) {
+                    Ok((new, v)) => {
+                        pipeline.stop().await;
+                        (config, version) = (new, v);
+                        pipeline = Pipeline::start(&config, &shared, version)?;
+                    }
+                    Err(errors) => tracing::error!(%errors, "reload rejected; keeping the running configuration"),
+                }
+            }
             _ = hup.recv() => {
                 tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
                 crate::systemd::notify("RELOADING=1");
-                match config::load(path) {
-                    Ok(new) => {
+                match crate::remote::load_effective(path) {
+                    Ok((new, v)) => {
                         pipeline.stop().await;
-                        config = new;
-                        pipeline = Pipeline::start(&config, &shared)?;
+                        (config, version) = (new, v);
+                        pipeline = Pipeline::start(&config, &shared, version)?;
                         tracing::info!("configuration reloaded");
                     }
                     Err(errors) => {
@@ -278,4 +387,223 @@ fn progressing(shared: &Shared) -> bool {
     h.buses
         .values()
         .all(|b| now.saturating_sub(b.last_activity_ms) <= b.backoff_max_ms + 30_000)
+}
+
+/// A pushed configuration that passed its checks and is about to be applied.
+#[derive(Debug)]
+struct Accepted {
+    version: u64,
+    config: Config,
+}
+
+/// Handles `config/set`: signature, version, validation and box checks. Rejections are reported on
+/// `config/state` here; an accepted config is stored and returned for the daemon to apply.
+fn on_config_set(
+    msg: &Incoming,
+    path: &Path,
+    running: &Config,
+    shared: &Shared,
+    history: &crate::remote::History,
+    busy: bool,
+) -> Option<Accepted> {
+    use crate::remote::{ConfigSet, ConfigState};
+    let reject = |v: Option<u64>, why: String| {
+        tracing::warn!(version = ?v, error = %why, "pushed configuration rejected");
+        shared.publish("config/state", &ConfigState::rejected(v, why), true);
+        None
+    };
+    let set: ConfigSet = match serde_json::from_slice(&msg.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            let v = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v["version"].as_u64());
+            return reject(v, format!("malformed config/set: {e}"));
+        }
+    };
+    let v = Some(set.version);
+    match running.uplink.as_ref().and_then(|u| u.config_public_key.as_deref()) {
+        Some(k) => match crate::uplink::remote::decode_public_key(k) {
+            Ok(key) => {
+                if let Err(e) = crate::remote::verify_signature(&key, &set) {
+                    return reject(v, e);
+                }
+            }
+            Err(e) => return reject(v, format!("config_public_key: {e}")),
+        },
+        None => tracing::warn!("accepting an unsigned configuration: set uplink.config_public_key to require signatures"),
+    }
+    let highest = history.highest();
+    if set.version <= highest {
+        return reject(
+            v,
+            format!("version {} is not newer than {highest}", set.version),
+        );
+    }
+    if busy {
+        return reject(v, "another configuration is being applied".into());
+    }
+    if msg.topic.contains("/groups/") {
+        return reject(
+            v,
+            "group configurations are not supported by this gateway version yet".into(),
+        );
+    }
+    let config = match crate::config::parse_str(&set.toml, path) {
+        Ok(c) => c,
+        Err(errors) => {
+            let text = errors.to_string().replace(
+                &path.display().to_string(),
+                &format!("config v{}", set.version),
+            );
+            return reject(v, text);
+        }
+    };
+    if let Err(e) = crate::remote::check_against_box(&config, running) {
+        return reject(v, e);
+    }
+    if let Err(e) = history.store(set.version, &set.toml) {
+        return reject(v, format!("cannot store the configuration: {e}"));
+    }
+    if let Err(e) = history.set_current(Some(set.version)) {
+        return reject(v, format!("cannot switch to the configuration: {e}"));
+    }
+    Some(Accepted {
+        version: set.version,
+        config,
+    })
+}
+
+/// Records and reports the outcome of a pushed configuration; `current` is the version now in use.
+fn finish(
+    shared: &Shared,
+    history: &crate::remote::History,
+    version: u64,
+    status: &str,
+    error: Option<&str>,
+    current: Option<u64>,
+) {
+    if let Err(e) = history.set_current(current) {
+        tracing::error!(error = %e, "cannot record the configuration in use");
+    }
+    if let Err(e) = history.record(version, status, error) {
+        tracing::error!(error = %e, "cannot write the configuration history");
+    }
+    let state = crate::remote::ConfigState {
+        version: Some(version),
+        status: status.into(),
+        error: error.map(str::to_string),
+    };
+    shared.publish("config/state", &state, true);
+}
+
+enum Verdict {
+    Wait,
+    Pass,
+    Fail(String),
+}
+
+/// The health gate of an applied configuration.
+struct Gate {
+    version: u64,
+    previous: (Config, Option<u64>),
+    deadline: tokio::time::Instant,
+    window: Duration,
+    sessions_before: u64,
+    needs_uplink: bool,
+    online_before: Vec<String>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Gate {
+    fn new(
+        a: Accepted,
+        previous: (Config, Option<u64>),
+        shared: &Shared,
+        online: Vec<String>,
+    ) -> Gate {
+        let window = a
+            .config
+            .uplink
+            .as_ref()
+            .map_or(Duration::from_secs(60), |u| u.config_window);
+        // Devices that answered before the change must answer again (if still configured).
+        let online_before = online
+            .into_iter()
+            .filter(|d| a.config.devices.iter().any(|n| &n.name == d))
+            .collect();
+        Gate {
+            version: a.version,
+            deadline: tokio::time::Instant::now() + window,
+            window,
+            sessions_before: shared
+                .uplink
+                .sessions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            needs_uplink: a.config.uplink.is_some(),
+            online_before,
+            previous,
+        }
+    }
+
+    fn verdict(&self, shared: &Shared) -> Verdict {
+        use std::sync::atomic::Ordering;
+        let uplink_ok = !self.needs_uplink
+            || (shared.uplink.sessions.load(Ordering::Relaxed) > self.sessions_before
+                && shared.uplink.connected.load(Ordering::Relaxed));
+        let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        let silent: Vec<&String> = self
+            .online_before
+            .iter()
+            .filter(|d| !h.devices.get(*d).is_some_and(|x| x.online && x.polls > 0))
+            .collect();
+        if uplink_ok && silent.is_empty() {
+            return Verdict::Pass;
+        }
+        if tokio::time::Instant::now() < self.deadline {
+            return Verdict::Wait;
+        }
+        let mut why = Vec::new();
+        if !uplink_ok {
+            let last = shared
+                .uplink
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            why.push(format!(
+                "uplink did not reconnect within {:?}{}",
+                self.window,
+                last.map(|e| format!(" ({e})")).unwrap_or_default()
+            ));
+        }
+        if !silent.is_empty() {
+            why.push(format!(
+                "devices stopped answering: {}",
+                silent
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Verdict::Fail(format!("health gate: {}", why.join("; ")))
+    }
+}
+
+/// Names of the devices that answered their last poll.
+fn online_devices(shared: &Shared) -> Vec<String> {
+    let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+    h.devices
+        .iter()
+        .filter(|(_, d)| d.online)
+        .map(|(n, _)| n.clone())
+        .collect()
 }

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod device;
 pub mod event;
 pub mod metrics;
+pub mod remote;
 pub mod sim;
 pub mod store;
 pub mod systemd;

@@ -98,6 +98,8 @@ pub struct Uplink {
     pub reconnect_max: Duration,
     /// Public key (base64) that must sign remote config.
     pub config_public_key: Option<String>,
+    /// Health gate of a remotely pushed config: uplink and devices must be back within this.
+    pub config_window: Duration,
 }
 
 /// `[metrics]`

@@ -49,6 +49,7 @@ pub(crate) struct RawUplink {
     pub(crate) config_public_key: Option<Spanned<String>>,
     pub(crate) max_inflight: Option<Spanned<u16>>,
     pub(crate) reconnect_max: Option<Spanned<Dur>>,
+    pub(crate) config_window: Option<Spanned<Dur>>,
 }
 
 /// `[metrics]`

@@ -367,6 +367,9 @@ fn uplink(
             .reconnect_max
             .map_or(Duration::from_secs(60), |r| r.into_inner().0),
         config_public_key: u.config_public_key.map(Spanned::into_inner),
+        config_window: u
+            .config_window
+            .map_or(Duration::from_secs(60), |w| w.into_inner().0),
     })
 }
 

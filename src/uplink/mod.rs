@@ -73,6 +73,10 @@ pub struct Incoming {
     pub payload: Vec<u8>,
 }
 
+/// The queue of the gateway's own messages; it outlives uplink instances (reloads), so that a
+/// message queued while offline goes out once a session is up again.
+pub type Outbox = Arc<tokio::sync::Mutex<mpsc::Receiver<Outbound>>>;
+
 /// A message the gateway itself publishes (status, config state, command results).
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -100,8 +104,7 @@ pub struct Uplink {
     pub state: Arc<UplinkState>,
     subscriptions: Vec<String>,
     incoming: Option<mpsc::Sender<Incoming>>,
-    outbound: mpsc::Receiver<Outbound>,
-    outbound_tx: mpsc::Sender<Outbound>,
+    outbound: Option<Outbox>,
     birth: Vec<u8>,
     drain_timeout: Duration,
 }
@@ -115,7 +118,6 @@ impl Uplink {
         birth: Vec<u8>,
         state: Arc<UplinkState>,
     ) -> Uplink {
-        let (outbound_tx, outbound) = mpsc::channel(256);
         Uplink {
             cfg,
             gateway: gateway.to_string(),
@@ -123,22 +125,18 @@ impl Uplink {
             state,
             subscriptions: Vec::new(),
             incoming: None,
-            outbound,
-            outbound_tx,
+            outbound: None,
             birth,
             drain_timeout: Duration::from_secs(5),
         }
     }
 
-    /// Subscribes to `topics` (full topic names) and forwards what arrives.
-    pub fn subscribe(&mut self, topics: Vec<String>, to: mpsc::Sender<Incoming>) {
+    /// Subscribes to `topics` (full topic names), forwards what arrives to `to`, and publishes
+    /// what is queued in `outbox` whenever a session is up.
+    pub fn control(&mut self, topics: Vec<String>, to: mpsc::Sender<Incoming>, outbox: Outbox) {
         self.subscriptions = topics;
         self.incoming = Some(to);
-    }
-
-    /// A sender for the gateway's own messages.
-    pub fn outbound(&self) -> mpsc::Sender<Outbound> {
-        self.outbound_tx.clone()
+        self.outbound = Some(outbox);
     }
 
     /// How long a graceful stop waits for outstanding PUBACKs.
@@ -317,6 +315,11 @@ impl Uplink {
             .map_err(|e| UplinkError::Session(e.to_string()))?;
         unassigned.push_back(Sent::Control);
 
+        let outbox = self.outbound.clone();
+        let mut outbox = match &outbox {
+            Some(o) => Some(o.lock().await),
+            None => None,
+        };
         let mut cursor = 0u64;
         let mut draining: Option<Instant> = None;
         loop {
@@ -377,7 +380,7 @@ impl Uplink {
                     }
                 }
                 _ = self.store.committed(), if room && draining.is_none() => {}
-                out = self.outbound.recv(), if room => {
+                out = async { outbox.as_mut()?.recv().await }, if room && outbox.is_some() => {
                     if let Some(out) = out {
                         client
                             .try_publish(format!("{prefix}/{}", out.subtopic), QoS::AtLeastOnce, out.retain, out.payload)

@@ -8,6 +8,7 @@ mod config;
 mod daemon;
 mod operate;
 mod pipeline;
+mod remote;
 mod resilience;
 mod schema;
 mod setup;

@@ -1,0 +1,308 @@
+//! Remote configuration pushed by the cloud: signature and version checks, validation against the
+//! box, the on-disk history of applied versions, and the health gate that commits or rolls back.
+//! The daemon (`daemon.rs`) swaps pipelines; this module decides.
+//!
+//! Files in `STATE_DIR/config/`: `vN.toml` (every accepted version), `current` (the version in
+//! use; absent = the local file), `highest` (the newest version ever accepted: replays are
+//! refused, also after a restart), `history.jsonl` (one line per outcome).
+
+use crate::config::{BusKind, Config};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A `config/set` message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ConfigSet {
+    /// Version, must be newer than any applied before.
+    pub version: u64,
+    /// The configuration text.
+    pub toml: String,
+    /// base64 ed25519 signature over `floorgate-config/v1\n{version}\n{toml}`.
+    #[serde(default)]
+    pub sig: Option<String>,
+}
+
+/// Outcome of a pushed config, published retained on `config/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigState {
+    /// Version concerned (None when the message had none).
+    pub version: Option<u64>,
+    /// `applied`, `rejected` or `rolled_back`.
+    pub status: String,
+    /// Why, for rejected and rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ConfigState {
+    /// A rejection.
+    pub fn rejected(version: Option<u64>, error: impl Into<String>) -> ConfigState {
+        ConfigState {
+            version,
+            status: "rejected".into(),
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// The bytes that are signed.
+pub fn signing_message(version: u64, toml: &str) -> Vec<u8> {
+    format!("floorgate-config/v1\n{version}\n{toml}").into_bytes()
+}
+
+/// Checks the signature of a pushed config.
+pub fn verify_signature(public: &[u8; 32], set: &ConfigSet) -> Result<(), String> {
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+    let sig = set
+        .sig
+        .as_deref()
+        .ok_or("unsigned config refused: uplink.config_public_key is set")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .map_err(|e| format!("signature is not base64: {e}"))?;
+    let sig =
+        Signature::from_slice(&bytes).map_err(|_| "signature must be 64 bytes".to_string())?;
+    let key = VerifyingKey::from_bytes(public).map_err(|e| format!("config_public_key: {e}"))?;
+    key.verify(&signing_message(set.version, &set.toml), &sig)
+        .map_err(|_| "bad signature: not signed by the key in uplink.config_public_key".to_string())
+}
+
+/// Applied-config files of a gateway.
+#[derive(Debug, Clone)]
+pub struct History {
+    dir: PathBuf,
+}
+
+/// One history line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Version.
+    pub version: u64,
+    /// Outcome.
+    pub status: String,
+    /// Unix ms.
+    pub ts: u64,
+    /// Why, if not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+impl History {
+    /// The history under a state directory.
+    pub fn new(state_dir: &Path) -> History {
+        History {
+            dir: state_dir.join("config"),
+        }
+    }
+
+    fn read_u64(&self, name: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The newest version ever accepted.
+    pub fn highest(&self) -> u64 {
+        self.read_u64("highest").unwrap_or(0)
+    }
+
+    /// The version in use (None: the local file).
+    pub fn current(&self) -> Option<u64> {
+        self.read_u64("current")
+    }
+
+    /// Text of a stored version.
+    pub fn text(&self, version: u64) -> std::io::Result<String> {
+        std::fs::read_to_string(self.dir.join(format!("v{version}.toml")))
+    }
+
+    /// Stores an accepted version and raises `highest`.
+    pub fn store(&self, version: u64, text: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        write_atomic(&self.dir.join(format!("v{version}.toml")), text.as_bytes())?;
+        write_atomic(
+            &self.dir.join("highest"),
+            version.max(self.highest()).to_string().as_bytes(),
+        )
+    }
+
+    /// Makes `version` (or the local file, for None) the one in use.
+    pub fn set_current(&self, version: Option<u64>) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        match version {
+            Some(v) => write_atomic(&self.dir.join("current"), v.to_string().as_bytes()),
+            None => match std::fs::remove_file(self.dir.join("current")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Appends an outcome.
+    pub fn record(&self, version: u64, status: &str, error: Option<&str>) -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(&self.dir)?;
+        let e = Entry {
+            version,
+            status: status.into(),
+            ts: crate::event::now_ms(),
+            error: error.map(str::to_string),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("history.jsonl"))?;
+        writeln!(f, "{}", serde_json::to_string(&e).unwrap_or_default())?;
+        f.sync_all()
+    }
+
+    /// All outcomes, oldest first.
+    pub fn entries(&self) -> Vec<Entry> {
+        std::fs::read_to_string(self.dir.join("history.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The last applied version before `version` that is still stored (rollback target).
+    pub fn previous_applied(&self, before: u64) -> Option<u64> {
+        self.entries()
+            .iter()
+            .rev()
+            .filter(|e| e.status == "applied" && e.version < before)
+            .map(|e| e.version)
+            .find(|v| self.text(*v).is_ok())
+    }
+}
+
+/// The configuration in effect: the applied remote version if any, else the local file.
+/// Includes of a remote version resolve relative to the local file's folder.
+pub fn load_effective(local: &Path) -> Result<(Config, Option<u64>), crate::config::ConfigErrors> {
+    let base = crate::config::load(local)?;
+    let history = History::new(&base.gateway.state_dir);
+    let Some(v) = history.current() else {
+        return Ok((base, None));
+    };
+    match history
+        .text(v)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::config::parse_str(&t, local).map_err(|e| e.to_string()))
+    {
+        Ok(cfg) => Ok((cfg, Some(v))),
+        Err(error) => {
+            tracing::error!(version = v, %error, "applied remote config no longer loads; using the local file");
+            Ok((base, None))
+        }
+    }
+}
+
+/// Checks a pushed config against the box: it keeps the gateway's identity and state directory,
+/// its serial ports exist and its certificate files are readable.
+pub fn check_against_box(new: &Config, running: &Config) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if new.gateway.id != running.gateway.id {
+        problems.push(format!(
+            "gateway.id {:?} differs from this gateway's {:?}",
+            new.gateway.id, running.gateway.id
+        ));
+    }
+    if new.gateway.state_dir != running.gateway.state_dir {
+        problems.push("gateway.state_dir cannot be changed remotely".to_string());
+    }
+    for b in &new.buses {
+        if let BusKind::Rtu { port, .. } = &b.kind {
+            if !port.exists() {
+                problems.push(format!(
+                    "bus {}: serial port {} does not exist on this box",
+                    b.name,
+                    port.display()
+                ));
+            }
+        }
+    }
+    if let Some(u) = &new.uplink {
+        for f in [&u.ca_file, &u.cert_file, &u.key_file, &u.password_file]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = std::fs::File::open(f) {
+                problems.push(format!("{}: {e}", f.display()));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    #[test]
+    fn signature_covers_version_and_text() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let public = key.verifying_key().to_bytes();
+        let sign = |v: u64, t: &str| {
+            base64::engine::general_purpose::STANDARD
+                .encode(key.sign(&signing_message(v, t)).to_bytes())
+        };
+        let set = ConfigSet {
+            version: 3,
+            toml: "a = 1\n".into(),
+            sig: Some(sign(3, "a = 1\n")),
+        };
+        assert_eq!(verify_signature(&public, &set), Ok(()));
+        let other = ConfigSet {
+            version: 4,
+            ..set.clone()
+        };
+        assert!(verify_signature(&public, &other).is_err());
+        let changed = ConfigSet {
+            toml: "a = 2\n".into(),
+            ..set.clone()
+        };
+        assert!(verify_signature(&public, &changed).is_err());
+        let unsigned = ConfigSet { sig: None, ..set };
+        assert!(verify_signature(&public, &unsigned)
+            .unwrap_err()
+            .contains("unsigned"));
+    }
+
+    #[test]
+    fn history_keeps_versions_and_the_highest() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let h = History::new(dir.path());
+        assert_eq!((h.highest(), h.current()), (0, None));
+        h.store(5, "x").expect("store");
+        h.set_current(Some(5)).expect("current");
+        h.record(5, "applied", None).expect("record");
+        h.store(6, "y").expect("store");
+        h.record(6, "rolled_back", Some("uplink")).expect("record");
+        assert_eq!((h.highest(), h.current()), (6, Some(5)));
+        assert_eq!(h.previous_applied(6), Some(5));
+        assert_eq!(h.entries().len(), 2);
+        h.set_current(None).expect("local");
+        assert_eq!(h.current(), None);
+    }
+}

@@ -1,0 +1,223 @@
+//! Remote configuration: signed pushes apply, bad ones are rejected with the reason, and a config
+//! that breaks the uplink rolls back by itself without losing or duplicating a buffered event.
+
+use crate::pipeline::{device, receive_until, still_floor, tcp_bus};
+use crate::support::broker::{publish, subscribe, Broker, Pki, Subscriber};
+use crate::support::gateway::{config, uplink_for, Gateway, Received};
+use base64::Engine as _;
+use ed25519_dalek::{Signer, SigningKey};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn signed(key: &SigningKey, version: u64, toml: &str) -> Vec<u8> {
+    let sig = key.sign(&floorgate::remote::signing_message(version, toml));
+    serde_json::to_vec(
+        &serde_json::json!({"version": version, "toml": toml, "sig": b64(&sig.to_bytes())}),
+    )
+    .unwrap()
+}
+
+/// Waits for the retained config/state of `version`.
+async fn state_of(sub: &mut Subscriber, version: u64, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return serde_json::json!({"status": "none", "error": format!("no config/state for version {version}")});
+        }
+        if let Some((topic, payload, _)) = sub.next(left).await {
+            if topic.ends_with("/config/state") {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                if v["version"] == version {
+                    return v;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_back() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let key = SigningKey::from_bytes(&[42u8; 32]);
+    let public = b64(key.verifying_key().as_bytes());
+    let mut events = subscribe(&broker, "floorgate/test/gw-rc/events").await;
+    let mut states = subscribe(&broker, "floorgate/test/gw-rc/config/state").await;
+    let uplink = format!(
+        "{}config_public_key = \"{public}\"\nconfig_window = \"4s\"\n",
+        uplink_for(&pki, &broker)
+    );
+    let rest = |devices: &str, uplink: &str| format!("{uplink}{}{devices}", tcp_bus("lan", tcp));
+    let one = device("b1", "lan", 1, "bag_dispenser", "100ms");
+    let two = format!("{one}{}", device("b2", "lan", 2, "bag_dispenser", "100ms"));
+    let mut gw =
+        Gateway::start(|state, metrics| config("gw-rc", state, metrics, &rest(&one, &uplink)));
+    let mut rx = Received::default();
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("b1", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
+    let base = std::fs::read_to_string(&gw.config_path).unwrap();
+    let with_two = base.replace(&one, &two);
+    let topic = "floorgate/test/gw-rc/config/set";
+
+    // A signed config applies and changes what is polled.
+    publish(&broker, topic, signed(&key, 5, &with_two), false).await;
+    let st = state_of(&mut states, 5, Duration::from_secs(15)).await;
+    assert_eq!(st["status"], "applied", "{st}\n{}", gw.log());
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(10), |rx| !rx
+            .of("b2", "state")
+            .is_empty())
+        .await
+    );
+
+    // Rejections, each with its reason.
+    let mut forged =
+        serde_json::from_slice::<serde_json::Value>(&signed(&key, 6, &with_two)).unwrap();
+    forged["toml"] = serde_json::Value::String(with_two.replace("100ms", "10ms"));
+    publish(&broker, topic, serde_json::to_vec(&forged).unwrap(), false).await;
+    let st = state_of(&mut states, 6, Duration::from_secs(10)).await;
+    assert_eq!(st["status"], "rejected");
+    assert!(
+        st["error"].as_str().unwrap().contains("bad signature"),
+        "{st}"
+    );
+    let unsigned =
+        serde_json::to_vec(&serde_json::json!({"version": 7, "toml": with_two})).unwrap();
+    publish(&broker, topic, unsigned, false).await;
+    assert!(
+        state_of(&mut states, 7, Duration::from_secs(10)).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("unsigned")
+    );
+    publish(&broker, topic, signed(&key, 4, &with_two), false).await;
+    assert!(
+        state_of(&mut states, 4, Duration::from_secs(10)).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("not newer")
+    );
+    publish(&broker, topic, signed(&key, 8, "[gateway\nid = 1"), false).await;
+    let st = state_of(&mut states, 8, Duration::from_secs(10)).await;
+    assert!(
+        st["error"].as_str().unwrap().starts_with("config v8:"),
+        "{st}"
+    );
+    publish(
+        &broker,
+        topic,
+        signed(
+            &key,
+            9,
+            &with_two.replace("profile = \"bag_dispenser\"", "profile = \"ghost\""),
+        ),
+        false,
+    )
+    .await;
+    assert!(
+        state_of(&mut states, 9, Duration::from_secs(10)).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown profile \"ghost\"")
+    );
+
+    // An old version is refused after a restart too.
+    assert_eq!(
+        gw.terminate(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+    let mut status = subscribe(&broker, "floorgate/test/gw-rc/status").await;
+    status.drain();
+    gw.spawn();
+    // The birth message is published after the subscriptions, so once it is seen they are in place.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (_, payload, retain) = status.next(left).await.expect("birth after restart");
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if v["state"] == "online" && !retain {
+            assert_eq!(
+                v["config_version"], 5,
+                "the applied version survives the restart"
+            );
+            break;
+        }
+    }
+    publish(&broker, topic, signed(&key, 5, &with_two), false).await;
+    let st = state_of(&mut states, 5, Duration::from_secs(10)).await;
+    assert_eq!(st["status"], "rejected", "{st}");
+
+    // A config pointing at a dead broker rolls back by itself; events keep flowing exactly once.
+    let dead_port = crate::support::gateway::free_port();
+    let dead = with_two.replace(
+        &format!("localhost:{}", broker.port),
+        &format!("localhost:{dead_port}"),
+    );
+    assert_ne!(dead, with_two);
+    publish(&broker, topic, signed(&key, 10, &dead), false).await;
+    devs[0]
+        .bank()
+        .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 321));
+    let st = state_of(&mut states, 10, Duration::from_secs(20)).await;
+    assert_eq!(st["status"], "rolled_back", "{st}\n{}", gw.log());
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap()
+            .contains("uplink did not reconnect"),
+        "{st}"
+    );
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(10), |rx| rx
+            .of("b1", "telemetry")
+            .iter()
+            .any(|e| e["values"]["stock"] == 321))
+        .await
+    );
+    rx.assert_seq_identity();
+    let seqs = rx.seqs();
+    assert_eq!(
+        seqs.len() as u64,
+        seqs.last().unwrap() - seqs.first().unwrap() + 1,
+        "apply and rollback lose no seq"
+    );
+    let hist = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["config", "history", "--json", "--config"])
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    let h: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap_or_default();
+    let statuses: Vec<(u64, String)> = h["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().unwrap(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(5, "applied".to_string()), (10, "rolled_back".to_string())]
+    );
+    assert_eq!(h["current"], 5);
+    stop.cancel();
+}
