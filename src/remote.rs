@@ -257,6 +257,7 @@ pub fn check_against_box(new: &Config, running: &Config) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #![allow(clippy::unwrap_used)]
     use ed25519_dalek::{Signer, SigningKey};
 
     #[test]
