@@ -255,9 +255,9 @@ pub fn check_against_box(new: &Config, running: &Config) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    #![allow(clippy::unwrap_used)]
     use ed25519_dalek::{Signer, SigningKey};
 
     #[test]
