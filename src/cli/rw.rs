@@ -2,7 +2,7 @@
 //! address, type) or by the named point of a configured device, through the same [`Link`] and
 //! codec as the daemon. Writes ask for confirmation unless `--yes`.
 
-use super::scan::{bus_for, check_port, line_label, parse_parity};
+use super::scan::{bus_for, check_port, line_label, parse_parity, quiet_codec_warnings};
 use super::Failure;
 use crate::bus::link::{Link, TxError};
 use crate::config::{Bus, BusKind, Parity, Point, Profile};
@@ -319,6 +319,7 @@ fn show(v: &Value) -> String {
 }
 
 pub(super) async fn read(a: ReadArgs) -> Result<(), Failure> {
+    quiet_codec_warnings();
     let r = resolve(&a.target)?;
     let mut link = Link::new(&r.bus);
     let result = match &a.point {
@@ -652,6 +653,7 @@ async fn confirm(question: String) -> Result<bool, Failure> {
 }
 
 pub(super) async fn write(a: WriteArgs) -> Result<(), Failure> {
+    quiet_codec_warnings();
     let r = resolve(&a.target)?;
     let plan = match &a.point {
         Some(point) => plan_point(&r, point, &a.value)?,

@@ -69,6 +69,15 @@ pub(super) struct Args {
     json: bool,
 }
 
+/// tokio-modbus logs (through the `log` crate) a warning for every frame it cannot decode: on a
+/// scan of a wrong baud rate that is a flood. Unless `FLOORGATE_LOG` asks for more, the
+/// installer commands only let its errors through; the scan reports garbage in its summary.
+pub(super) fn quiet_codec_warnings() {
+    if std::env::var_os("FLOORGATE_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Error);
+    }
+}
+
 /// A list of unit ids, in the order given, without duplicates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Units(pub(super) Vec<u8>);
@@ -463,7 +472,7 @@ impl Progress {
     fn tick(&mut self, setting: &str, index: usize, settings: usize, unit: u8) {
         let pct = self.done * 100 / self.total.max(1);
         let text = format!(
-            "scanning {setting} (setting {index}/{settings}): unit {unit:>3} — {}/{} probes ({pct}%), {} found",
+            "scanning {setting} (setting {index}/{settings}): unit {unit:>3}, {}/{} probes ({pct}%), {} found",
             self.done, self.total, self.found
         );
         if self.tty {
@@ -477,6 +486,7 @@ impl Progress {
 }
 
 pub(super) async fn run(a: Args) -> Result<(), Failure> {
+    quiet_codec_warnings();
     let profiles = load_profiles(a.config.as_deref())?;
     let units = a.units.0.clone();
     let (settings, target): (Vec<Setting>, String) = match (&a.port, &a.tcp) {
@@ -512,11 +522,14 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
         }
     };
     let mut progress = Progress::new(settings.len() * units.len());
+    // A silent unit costs its timeout plus as long again to make sure no late reply follows.
+    let worst = a.timeout * 2 * u32::try_from(settings.len() * units.len()).unwrap_or(u32::MAX);
     progress.line(&format!(
-        "scanning {target}: {} unit id(s) × {} setting(s), {} timeout each; profiles: {}",
+        "scanning {target}: {} unit id(s) x {} setting(s), {} timeout each (at most about {}); profiles: {}",
         units.len(),
         settings.len(),
         humantime::format_duration(a.timeout),
+        humantime::format_duration(Duration::from_secs(worst.as_secs().max(1))),
         if profiles.is_empty() {
             "none with a signature".to_string()
         } else {
@@ -616,7 +629,7 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
         );
         if report.skipped {
             summary.push_str(&format!(
-                " — skipped the rest: the first {EARLY_STOP} units gave garbage, so this is not the line's setting"
+                "; skipped the rest: the first {EARLY_STOP} units gave garbage, so this is not the line's setting"
             ));
         }
         progress.line(&summary);
@@ -707,9 +720,12 @@ mod tests {
 
     #[test]
     fn units_accept_lists_and_ranges() {
-        assert_eq!(parse_units("1-3,7, 5").unwrap(), Units(vec![1, 2, 3, 7, 5]));
-        assert_eq!(parse_units("2,2,1-2").unwrap(), Units(vec![2, 1]));
-        assert_eq!(parse_units("1-247").unwrap().0.len(), 247);
+        assert_eq!(
+            parse_units("1-3,7, 5").expect("list"),
+            Units(vec![1, 2, 3, 7, 5])
+        );
+        assert_eq!(parse_units("2,2,1-2").expect("dups"), Units(vec![2, 1]));
+        assert_eq!(parse_units("1-247").expect("range").0.len(), 247);
         assert!(parse_units("5-1").is_err());
         assert!(parse_units("1-300").is_err());
         assert!(parse_units("x").is_err());
@@ -725,7 +741,7 @@ mod tests {
 
     #[test]
     fn builtin_profiles_load_with_signatures() {
-        let p = load_profiles(None).unwrap();
+        let p = load_profiles(None).expect("built-in profiles");
         let names: Vec<&str> = p.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["bag_dispenser", "charging_cabinet"]);
         assert_eq!(
