@@ -7,4 +7,5 @@ mod config;
 mod daemon;
 mod pipeline;
 mod resilience;
+mod scan;
 mod schema;
