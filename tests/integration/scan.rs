@@ -564,3 +564,78 @@ async fn write_confirms_or_needs_yes_and_refuses_points_that_are_not_writable() 
     assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
     stop.cancel();
 }
+
+/// A Modbus TCP device that only knows Read Device Identification (every register read is an
+/// illegal-address exception): unit 1 reports the cabinet's model as its product code, unit 2 a
+/// product no profile knows.
+#[derive(Debug)]
+struct IdentifiedDevices;
+
+impl tokio_modbus::server::Service for IdentifiedDevices {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = tokio_modbus::Response;
+    type Exception = tokio_modbus::ExceptionCode;
+    type Future = std::future::Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        use tokio_modbus::prelude::*;
+        let product: &'static [u8] = match req.slave {
+            1 => cabinet::MODEL_NAME.as_bytes(),
+            2 => b"XYZ-9",
+            _ => return std::future::ready(Err(ExceptionCode::GatewayTargetDevice)),
+        };
+        std::future::ready(match req.request {
+            Request::ReadDeviceIdentification(..) => Ok(Response::ReadDeviceIdentification(
+                ReadDeviceIdentificationResponse {
+                    read_code: ReadCode::Basic,
+                    conformity_level: ConformityLevel::BasicIdentificationStreamOnly,
+                    more_follows: false,
+                    next_object_id: 0,
+                    device_id_objects: vec![
+                        DeviceIdObject {
+                            id: 0,
+                            value: bytes::Bytes::from_static(b"Acme"),
+                        },
+                        DeviceIdObject {
+                            id: 1,
+                            value: bytes::Bytes::from_static(product),
+                        },
+                        DeviceIdObject {
+                            id: 2,
+                            value: bytes::Bytes::from_static(b"1.0"),
+                        },
+                    ],
+                },
+            )),
+            _ => Err(ExceptionCode::IllegalDataAddress),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_identifies_devices_by_read_device_identification() {
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let service = std::sync::Arc::new(IdentifiedDevices);
+    let abort = stop.clone().cancelled_owned();
+    tokio::spawn(async move {
+        let on_connected = move |stream, _addr| {
+            let service = service.clone();
+            async move { Ok(Some((service, stream))) }
+        };
+        let _ = tokio_modbus::server::tcp::Server::new(listener)
+            .serve_until(&on_connected, |_e| {}, abort)
+            .await;
+    });
+    let out = floorgate(&["scan", "--tcp", &addr, "--units", "1-3", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(
+        found(&json(&out)),
+        [
+            (1, "charging_cabinet".into(), "Acme CHGCAB12 1.0".into()),
+            (2, "unknown".into(), "Acme XYZ-9 1.0".into()),
+        ]
+    );
+    stop.cancel();
+}
