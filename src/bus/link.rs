@@ -8,6 +8,7 @@ use crate::device::{codec::Table, Raw};
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskCx, Poll};
 use std::time::Duration;
@@ -52,9 +53,10 @@ impl TxError {
 }
 
 /// A serial port shared between the tokio-modbus context and the resync logic, so that the
-/// context (and its decoder buffer) can be dropped while the port stays open.
+/// context (and its decoder buffer) can be dropped while the port stays open. Counts the bytes
+/// it receives (see [`Link::bytes_received`]).
 #[derive(Debug, Clone)]
-struct SharedPort(Arc<Mutex<SerialStream>>);
+struct SharedPort(Arc<Mutex<SerialStream>>, Arc<AtomicU64>);
 
 impl SharedPort {
     fn with<R>(&self, f: impl FnOnce(&mut SerialStream) -> R) -> R {
@@ -69,7 +71,11 @@ impl AsyncRead for SharedPort {
         cx: &mut TaskCx<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.with(|s| Pin::new(s).poll_read(cx, buf))
+        let before = buf.filled().len();
+        let r = self.with(|s| Pin::new(s).poll_read(cx, buf));
+        let n = buf.filled().len().saturating_sub(before);
+        self.1.fetch_add(n as u64, Ordering::Relaxed);
+        r
     }
 }
 
@@ -114,6 +120,8 @@ pub struct Link {
     ready_at: Instant,
     /// Bytes discarded while resynchronising (for metrics).
     pub discarded: u64,
+    /// Bytes received on a serial port (replies, garbage, discarded bytes).
+    received: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Link {
@@ -202,6 +210,7 @@ impl Link {
             gap,
             ready_at: Instant::now(),
             discarded: 0,
+            received: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -236,7 +245,10 @@ impl Link {
                             .open_native_async()
                             .map_err(|e| open_error(path, e))?;
                         let _ = stream.clear(tokio_serial::ClearBuffer::All);
-                        *port = Some(SharedPort(Arc::new(Mutex::new(stream))));
+                        *port = Some(SharedPort(
+                            Arc::new(Mutex::new(stream)),
+                            self.received.clone(),
+                        ));
                     }
                     let shared = port
                         .clone()
@@ -420,6 +432,30 @@ impl Link {
     pub async fn write_coil(&mut self, unit: u8, address: u16, value: bool) -> Result<(), TxError> {
         self.call(unit, move |c| Box::pin(c.write_single_coil(address, value)))
             .await
+    }
+
+    /// Reads the basic device identification objects (function 0x2B / MEI 0x0E, read code 1:
+    /// vendor name, product code, revision), as (object id, text) pairs.
+    pub async fn read_device_identification(
+        &mut self,
+        unit: u8,
+    ) -> Result<Vec<(u8, String)>, TxError> {
+        let r = self
+            .call(unit, |c| {
+                Box::pin(c.read_device_identification(ReadCode::Basic, 0x00))
+            })
+            .await?;
+        Ok(r.device_id_objects
+            .iter()
+            .map(|o| (o.id, String::from_utf8_lossy(&o.value).trim().to_string()))
+            .collect())
+    }
+
+    /// Bytes received so far on a serial port, including bytes of invalid frames and bytes
+    /// discarded while resynchronising: a timeout with bytes received means garbage on the line,
+    /// not silence. Always 0 on TCP.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Closes the port or connection (reopened on the next transaction).

@@ -5,6 +5,8 @@ mod check;
 mod config_cmd;
 mod demo;
 mod run;
+mod rw;
+mod scan;
 mod setup;
 mod simulate;
 mod status;
@@ -45,6 +47,12 @@ enum Command {
     /// Configuration files: validate.
     #[command(subcommand)]
     Config(config_cmd::Command),
+    /// Find devices on a bus (unit ids x baud rates x parities) and guess their profiles.
+    Scan(scan::Args),
+    /// Read registers or coils of a device, raw or by the named point of a configured device.
+    Read(rw::ReadArgs),
+    /// Write a holding register or coil, raw or a writable point of a configured device.
+    Write(rw::WriteArgs),
 }
 
 /// An error with its exit code.
@@ -124,6 +132,9 @@ pub fn main() -> i32 {
             Command::Check(a) => check::run(a).await,
             Command::Setup(a) => setup::run(a).await,
             Command::Buffer(c) => buffer::run(c).await,
+            Command::Scan(a) => scan::run(a).await,
+            Command::Read(a) => rw::read(a).await,
+            Command::Write(a) => rw::write(a).await,
         }
     });
     match result {

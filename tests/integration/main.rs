@@ -10,5 +10,6 @@ mod operate;
 mod pipeline;
 mod remote;
 mod resilience;
+mod scan;
 mod schema;
 mod setup;

@@ -215,3 +215,61 @@ fn interactive_setup_asks_and_writes_through_a_terminal() {
     );
     assert!(cfg.uplink.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_scans_the_bus_and_adds_what_it_finds() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut floor = floorgate::sim::SimFloor::new(2, 1);
+    floor.models = false;
+    let (pty, _devs) = floor.start_pty(stop.clone()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let root = root.path().to_path_buf();
+        move || {
+            setup(
+                &root,
+                &[
+                    "--gateway-id",
+                    "floor-9",
+                    "--port",
+                    pty.to_str().unwrap(),
+                    "--baud",
+                    "19200",
+                    "--parity",
+                    "none",
+                    "--scan",
+                    "--units",
+                    "1-4",
+                    "--no-service",
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = floorgate::config::load(&root.path().join("etc/floorgate/floorgate.toml")).unwrap();
+    let found: Vec<(u8, &str)> = cfg
+        .devices
+        .iter()
+        .map(|d| (d.unit, d.profile.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (1, "bag_dispenser"),
+            (2, "bag_dispenser"),
+            (3, "charging_cabinet")
+        ]
+    );
+    assert!(matches!(
+        &cfg.buses[0].kind,
+        floorgate::config::BusKind::Rtu { baud: 19200, .. }
+    ));
+    stop.cancel();
+}
