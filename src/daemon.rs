@@ -35,6 +35,7 @@ pub enum DaemonError {
 
 /// The pipeline for one configuration.
 struct Pipeline {
+    commands: std::collections::HashMap<String, mpsc::Sender<crate::bus::WriteCommand>>,
     pollers: CancellationToken,
     writer: CancellationToken,
     uplink: CancellationToken,
@@ -151,6 +152,10 @@ impl Pipeline {
             }
             None => None,
         };
+        let commands = tasks
+            .iter()
+            .map(|t| (t.name().to_string(), t.commands()))
+            .collect();
         let mut poll_tasks = JoinSet::new();
         for t in tasks {
             poll_tasks.spawn(t.run(pollers.clone()));
@@ -169,6 +174,7 @@ impl Pipeline {
             });
         }
         Ok(Pipeline {
+            commands,
             pollers,
             writer: writer_token,
             uplink: uplink_token,
@@ -303,8 +309,8 @@ pub async fn run_with(
                             }
                         }
                     }
-                } else {
-                    tracing::debug!(topic = %msg.topic, "control message not handled here");
+                } else if msg.topic.ends_with("/cmd") {
+                    on_command(&msg, &config, &shared, &pipeline.commands);
                 }
             }
             _ = gate_tick.tick(), if gate.is_some() => {
@@ -606,4 +612,119 @@ fn online_devices(shared: &Shared) -> Vec<String> {
         .filter(|(_, d)| d.online)
         .map(|(n, _)| n.clone())
         .collect()
+}
+
+const COMMANDS: u8 = b'c';
+
+/// Handles `cmd`: at most once per id (the outcome is persisted before the write), never after
+/// `expires`, only writable points with a value of the point's type and range.
+fn on_command(
+    msg: &Incoming,
+    config: &Config,
+    shared: &Shared,
+    buses: &std::collections::HashMap<String, mpsc::Sender<crate::bus::WriteCommand>>,
+) {
+    use crate::remote::{check_command, Command, CommandResult};
+    let store = shared.store.clone();
+    let report = move |shared: &Shared, r: CommandResult, persist: bool| {
+        if persist {
+            if let Err(e) =
+                store.put_record(COMMANDS, &r.id, &serde_json::to_vec(&r).unwrap_or_default())
+            {
+                tracing::error!(error = %e, id = %r.id, "cannot persist a command outcome");
+            }
+        }
+        tracing::info!(id = %r.id, status = %r.status, error = ?r.error, "command");
+        shared.publish("cmd/result", &r, false);
+    };
+    let cmd: Command = match serde_json::from_slice(&msg.payload) {
+        Ok(c) => c,
+        Err(e) => {
+            let id = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_string));
+            match id {
+                Some(id) if !id.is_empty() => report(
+                    shared,
+                    CommandResult::new(&id, "rejected", Some(format!("malformed command: {e}"))),
+                    false,
+                ),
+                _ => tracing::warn!(error = %e, "malformed command without id ignored"),
+            }
+            return;
+        }
+    };
+    if cmd.id.is_empty() || cmd.id.len() > 200 {
+        return tracing::warn!("command with an empty or oversized id ignored");
+    }
+    match shared.store.get_record(COMMANDS, &cmd.id) {
+        Ok(Some(_)) => {
+            return report(
+                shared,
+                CommandResult::new(&cmd.id, "duplicate", Some("this id already ran".into())),
+                false,
+            )
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return report(
+                shared,
+                CommandResult::new(&cmd.id, "failed", Some(format!("store: {e}"))),
+                false,
+            )
+        }
+    }
+    if cmd.expires.is_some_and(|x| crate::event::now_ms() > x) {
+        return report(shared, CommandResult::new(&cmd.id, "expired", None), true);
+    }
+    let (bus, point, value) = match check_command(config, &cmd) {
+        Ok(v) => v,
+        Err(e) => {
+            return report(
+                shared,
+                CommandResult::new(&cmd.id, "rejected", Some(e)),
+                true,
+            )
+        }
+    };
+    let Some(tx) = buses.get(&bus).cloned() else {
+        return report(
+            shared,
+            CommandResult::new(&cmd.id, "failed", Some(format!("bus {bus} is not running"))),
+            true,
+        );
+    };
+    // Mark it before the write: a crash during the write must not run it twice.
+    let running = CommandResult::new(&cmd.id, "running", None);
+    if let Err(e) = shared.store.put_record(
+        COMMANDS,
+        &cmd.id,
+        &serde_json::to_vec(&running).unwrap_or_default(),
+    ) {
+        return report(
+            shared,
+            CommandResult::new(&cmd.id, "failed", Some(format!("store: {e}"))),
+            false,
+        );
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let w = crate::bus::WriteCommand {
+            device: cmd.device.clone(),
+            point,
+            value,
+            reply,
+        };
+        let outcome = if tx.send(w).await.is_err() {
+            Err("bus stopped".to_string())
+        } else {
+            rx.await.unwrap_or_else(|_| Err("bus stopped".to_string()))
+        };
+        let r = match outcome {
+            Ok(()) => CommandResult::new(&cmd.id, "done", None),
+            Err(e) => CommandResult::new(&cmd.id, "failed", Some(e)),
+        };
+        report(&shared, r, true);
+    });
 }

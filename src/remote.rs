@@ -254,6 +254,109 @@ pub fn check_against_box(new: &Config, running: &Config) -> Result<(), String> {
     }
 }
 
+/// A `cmd` message: write a writable point.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Command {
+    /// Unique id; each id runs at most once.
+    pub id: String,
+    /// Device name.
+    pub device: String,
+    /// Point name.
+    pub point: String,
+    /// Value in engineering units.
+    pub value: serde_json::Value,
+    /// Unix ms after which the command must not run.
+    #[serde(default)]
+    pub expires: Option<u64>,
+}
+
+/// Outcome of a command, published on `cmd/result` and kept in the store by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// Command id.
+    pub id: String,
+    /// `done`, `expired`, `rejected`, `failed` or `duplicate`.
+    pub status: String,
+    /// Why, when not done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CommandResult {
+    /// An outcome.
+    pub fn new(id: &str, status: &str, error: Option<String>) -> CommandResult {
+        CommandResult {
+            id: id.to_string(),
+            status: status.to_string(),
+            error,
+        }
+    }
+}
+
+/// Checks a command against the configuration: the device and point exist, the point is
+/// writable, and the value has the point's type and range. Returns the bus, point and value.
+pub fn check_command(
+    cfg: &Config,
+    cmd: &Command,
+) -> Result<(String, crate::config::Point, crate::device::codec::Value), String> {
+    use crate::device::codec::{self, DataType, Value};
+    let dev = cfg
+        .devices
+        .iter()
+        .find(|d| d.name == cmd.device)
+        .ok_or_else(|| format!("unknown device {:?}", cmd.device))?;
+    let profile = cfg.profile_of(dev).ok_or("device has no profile")?;
+    let point = profile
+        .points
+        .iter()
+        .find(|p| p.name == cmd.point)
+        .ok_or_else(|| format!("device {} has no point {:?}", cmd.device, cmd.point))?;
+    if !point.writable {
+        return Err(format!("point {} is not writable", point.name));
+    }
+    let value = match (&cmd.value, point.ty) {
+        (serde_json::Value::Bool(b), DataType::Bool) => Value::Bool(*b),
+        (serde_json::Value::String(s), DataType::String) => Value::Str(s.clone()),
+        (serde_json::Value::Number(n), t) if t != DataType::Bool && t != DataType::String => {
+            match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Value::UInt(u),
+                (None, Some(i), _) => Value::Int(i),
+                (_, _, Some(f)) => Value::Float(f),
+                _ => return Err("bad number".into()),
+            }
+        }
+        (v, t) => {
+            return Err(format!(
+                "value {v} does not fit point {} of type {}",
+                point.name,
+                t.as_str()
+            ))
+        }
+    };
+    if let Some(x) = value.as_f64() {
+        if point.min.is_some_and(|m| x < m) || point.max.is_some_and(|m| x > m) {
+            return Err(format!(
+                "value {x} is outside {}..{} of point {}",
+                point.min.unwrap_or(f64::NEG_INFINITY),
+                point.max.unwrap_or(f64::INFINITY),
+                point.name
+            ));
+        }
+    }
+    if point.bit.is_none() && !point.table.is_bit() {
+        codec::encode_registers(
+            &value,
+            point.ty,
+            point.order,
+            point.scale,
+            point.offset,
+            point.len,
+        )
+        .map_err(|e| format!("value {}: {e}", cmd.value))?;
+    }
+    Ok((dev.bus.clone(), point.clone(), value))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

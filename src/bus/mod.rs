@@ -77,6 +77,19 @@ struct Dev {
     failures_in_row: u32,
 }
 
+/// A write of one point, queued ahead of routine polls.
+#[derive(Debug)]
+pub struct WriteCommand {
+    /// Device name.
+    pub device: String,
+    /// The point (must be writable).
+    pub point: crate::config::Point,
+    /// Engineering value.
+    pub value: crate::device::codec::Value,
+    /// Where the outcome goes.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
 /// The owner task of one bus.
 pub struct BusTask {
     cfg: Bus,
@@ -84,6 +97,8 @@ pub struct BusTask {
     devices: Vec<Dev>,
     writer: WriterHandle,
     health: Health,
+    commands: tokio::sync::mpsc::Receiver<WriteCommand>,
+    commands_tx: tokio::sync::mpsc::Sender<WriteCommand>,
 }
 
 impl std::fmt::Debug for BusTask {
@@ -165,16 +180,76 @@ impl BusTask {
             b.last_activity_ms = now;
             b.backoff_max_ms = bus.backoff_max.as_millis() as u64;
         }
+        let (commands_tx, commands) = tokio::sync::mpsc::channel(16);
         Ok(BusTask {
             cfg: bus.clone(),
             link: Link::new(bus),
             devices,
             writer,
             health,
+            commands,
+            commands_tx,
         })
     }
 
-    /// Polls devices until shutdown.
+    /// The bus name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Where commands for this bus's devices go.
+    pub fn commands(&self) -> tokio::sync::mpsc::Sender<WriteCommand> {
+        self.commands_tx.clone()
+    }
+
+    /// Executes a write; the device is polled right after so that the new value is reported.
+    async fn write(&mut self, cmd: &WriteCommand) -> Result<(), String> {
+        use crate::device::codec::{self, Table};
+        let Some(i) = self.devices.iter().position(|d| d.cfg.name == cmd.device) else {
+            return Err(format!(
+                "device {} is not on bus {}",
+                cmd.device, self.cfg.name
+            ));
+        };
+        let unit = self.devices[i].cfg.unit;
+        let p = &cmd.point;
+        let result = match (p.table, p.bit) {
+            (Table::Coil, _) => {
+                let on = codec::encode_bit(&cmd.value).map_err(|e| e.to_string())?;
+                self.link.write_coil(unit, p.address, on).await
+            }
+            (Table::Holding, Some(bit)) => {
+                let on = codec::encode_bit(&cmd.value).map_err(|e| e.to_string())?;
+                let span = crate::device::plan::ReadSpan {
+                    table: Table::Holding,
+                    start: p.address,
+                    count: 1,
+                };
+                let reg = match self
+                    .link
+                    .read(unit, span)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    crate::device::Raw::Registers(r) => r.first().copied().unwrap_or(0),
+                    crate::device::Raw::Bits(_) => return Err("unexpected bit reply".into()),
+                };
+                let reg = codec::set_bit(reg, bit, on).map_err(|e| e.to_string())?;
+                self.link.write_registers(unit, p.address, vec![reg]).await
+            }
+            (Table::Holding, None) => {
+                let regs =
+                    codec::encode_registers(&cmd.value, p.ty, p.order, p.scale, p.offset, p.len)
+                        .map_err(|e| e.to_string())?;
+                self.link.write_registers(unit, p.address, regs).await
+            }
+            _ => return Err(format!("point {} is in a read-only table", p.name)),
+        };
+        self.devices[i].next_due = Instant::now();
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Polls devices until shutdown; commands go ahead of routine polls.
     pub async fn run(mut self, shutdown: CancellationToken) {
         if self.devices.is_empty() {
             return;
@@ -190,6 +265,13 @@ impl BusTask {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                cmd = self.commands.recv() => {
+                    if let Some(cmd) = cmd {
+                        let r = self.write(&cmd).await;
+                        let _ = cmd.reply.send(r);
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(due) => {}
             }
             if !self.poll(i, &shutdown).await {

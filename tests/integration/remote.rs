@@ -221,3 +221,113 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     assert_eq!(h["current"], 5);
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_write_writable_points_once_and_refuse_the_rest() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(1, 1)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut results = subscribe(&broker, "floorgate/test/gw-cmd/cmd/result").await;
+    let mut events = subscribe(&broker, "floorgate/test/gw-cmd/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-cmd",
+            state,
+            metrics,
+            &format!(
+                "{}{}{}{}",
+                uplink_for(&pki, &broker),
+                tcp_bus("lan", tcp),
+                device("bags", "lan", 1, "bag_dispenser", "200ms"),
+                device("cab", "lan", 2, "charging_cabinet", "200ms")
+            ),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("cab", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
+    let topic = "floorgate/test/gw-cmd/cmd";
+    let send = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+    let later = floorgate::event::now_ms() + 60_000;
+    publish(&broker, topic, send(serde_json::json!({"id": "c1", "device": "cab", "point": "rental_price_cents", "value": 250, "expires": later})), false).await;
+    assert_eq!(outcome(&mut results, "c1").await["status"], "done");
+    assert_eq!(
+        devs[1]
+            .bank()
+            .with(|t| t.holding(floorgate::sim::cabinet::HR_RENTAL_PRICE_CENTS)),
+        250
+    );
+    // The new value is polled right away and reported.
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(5), |rx| rx
+            .of("cab", "state")
+            .iter()
+            .any(|e| e["values"]["rental_price_cents"] == 250))
+        .await
+    );
+    // The same id again: not executed a second time.
+    devs[1]
+        .bank()
+        .with(|t| t.set_u16(floorgate::sim::cabinet::HR_RENTAL_PRICE_CENTS, 111));
+    publish(&broker, topic, send(serde_json::json!({"id": "c1", "device": "cab", "point": "rental_price_cents", "value": 250, "expires": later})), false).await;
+    assert_eq!(outcome(&mut results, "c1").await["status"], "duplicate");
+    assert_eq!(
+        devs[1]
+            .bank()
+            .with(|t| t.holding(floorgate::sim::cabinet::HR_RENTAL_PRICE_CENTS)),
+        111
+    );
+    // Expired: never executed.
+    publish(&broker, topic, send(serde_json::json!({"id": "c2", "device": "bags", "point": "price_cents", "value": 99, "expires": 1000})), false).await;
+    assert_eq!(outcome(&mut results, "c2").await["status"], "expired");
+    // Not writable, out of range, wrong type, unknown device.
+    publish(&broker, topic, send(serde_json::json!({"id": "c3", "device": "bags", "point": "stock", "value": 10, "expires": later})), false).await;
+    let r = outcome(&mut results, "c3").await;
+    assert_eq!(r["status"], "rejected");
+    assert!(r["error"].as_str().unwrap().contains("not writable"), "{r}");
+    publish(&broker, topic, send(serde_json::json!({"id": "c4", "device": "bags", "point": "price_cents", "value": 70000, "expires": later})), false).await;
+    let r = outcome(&mut results, "c4").await;
+    assert_eq!(r["status"], "rejected");
+    publish(&broker, topic, send(serde_json::json!({"id": "c5", "device": "bags", "point": "enabled", "value": "yes", "expires": later})), false).await;
+    assert_eq!(outcome(&mut results, "c5").await["status"], "rejected");
+    publish(&broker, topic, send(serde_json::json!({"id": "c6", "device": "ghost", "point": "enabled", "value": true, "expires": later})), false).await;
+    assert_eq!(outcome(&mut results, "c6").await["status"], "rejected");
+    // A coil write.
+    publish(&broker, topic, send(serde_json::json!({"id": "c7", "device": "bags", "point": "enabled", "value": false, "expires": later})), false).await;
+    assert_eq!(outcome(&mut results, "c7").await["status"], "done");
+    assert!(!devs[0]
+        .bank()
+        .with(|t| t.coil(floorgate::sim::bag::COIL_ENABLED)));
+    assert_eq!(
+        devs[0]
+            .bank()
+            .with(|t| t.holding(floorgate::sim::bag::HR_PRICE_CENTS)),
+        floorgate::sim::bag::INITIAL_PRICE_CENTS,
+        "rejected commands wrote nothing"
+    );
+    stop.cancel();
+}
+
+async fn outcome(results: &mut Subscriber, id: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some((_, p, _)) = results.next(left).await else {
+            return serde_json::json!({"status": "none"});
+        };
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
