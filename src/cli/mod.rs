@@ -4,6 +4,7 @@ mod buffer;
 mod check;
 mod config_cmd;
 mod demo;
+mod fleet;
 mod run;
 mod setup;
 mod simulate;
@@ -45,6 +46,10 @@ enum Command {
     /// Configuration files: validate.
     #[command(subcommand)]
     Config(config_cmd::Command),
+    /// Cloud side of signed remote configuration: make the signing key, push a config to a
+    /// gateway or a group (canary first) and report each gateway's outcome.
+    #[command(subcommand)]
+    Fleet(fleet::Command),
 }
 
 /// An error with its exit code.
@@ -124,6 +129,7 @@ pub fn main() -> i32 {
             Command::Check(a) => check::run(a).await,
             Command::Setup(a) => setup::run(a).await,
             Command::Buffer(c) => buffer::run(c).await,
+            Command::Fleet(c) => fleet::run(c).await,
         }
     });
     match result {
