@@ -541,8 +541,7 @@ impl Session {
                     self.reconnected = true;
                     let filters = self.filters();
                     self.client
-                        .subscribe_many(filters)
-                        .await
+                        .try_subscribe_many(filters)
                         .map_err(|e| Failure::new(format!("subscribe: {e}")))?;
                 }
                 Ok(Step::ConnAck)
@@ -787,7 +786,7 @@ async fn push(a: PushArgs) -> Result<(), Failure> {
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| Failure::new(format!("cannot read {}: {e}", a.file.display())))?;
     if let Err(e) = text.parse::<toml::Table>() {
-        return Err(Failure::config(format!(
+        return Err(Failure::new(format!(
             "{}: not valid TOML: {}",
             a.file.display(),
             e.message()

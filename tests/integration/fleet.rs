@@ -433,3 +433,42 @@ async fn nobody_answering_times_out() {
     assert_eq!(table[0].1, "timeout", "{table:?}");
     assert!(table[0].2.contains("no client is subscribed"), "{table:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_while_the_pusher_was_disconnected_is_found_after_reconnecting() {
+    let pki = Pki::generate();
+    let mut broker = Broker::start_tls(&pki);
+    let s = setup().await;
+    let mut sub = subscribe(&broker, &gw_topic("gw-r", "config/set")).await;
+    let args = push_args(
+        &pki,
+        &broker,
+        &s,
+        11,
+        &["--gateway", "gw-r", "--timeout", "30s"],
+    );
+    let gateway = async {
+        let (_, payload, _) = sub.next(Duration::from_secs(30)).await.unwrap();
+        let set: ConfigSet = serde_json::from_slice(&payload).unwrap();
+        set.verify(&s.public).unwrap();
+        // The broker goes away under the waiting pusher; the retained answer is published
+        // as soon as it is back.
+        broker.restart();
+        let answer = json!({"version": set.version, "status": "applied", "error": null});
+        publish(
+            &broker,
+            &gw_topic("gw-r", "config/state"),
+            answer.to_string(),
+            true,
+        )
+        .await;
+    };
+    let (out, ()) = tokio::join!(push(&args), gateway);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(self::rows(&out)[0].1, "applied");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connection lost"),
+        "{}",
+        text(&out)
+    );
+}
