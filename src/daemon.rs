@@ -439,6 +439,15 @@ fn on_config_set(
         },
         None => tracing::warn!("accepting an unsigned configuration: set uplink.config_public_key to require signatures"),
     }
+    if Some(set.version) == history.current() {
+        // The version in use again (e.g. a canary also follows the group topic): nothing to do,
+        // and its retained `applied` state stays.
+        tracing::debug!(
+            version = set.version,
+            "pushed configuration is the one in use"
+        );
+        return None;
+    }
     let highest = history.highest();
     if set.version <= highest {
         return reject(

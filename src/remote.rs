@@ -7,21 +7,10 @@
 //! refused, also after a restart), `history.jsonl` (one line per outcome).
 
 use crate::config::{BusKind, Config};
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// A `config/set` message.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ConfigSet {
-    /// Version, must be newer than any applied before.
-    pub version: u64,
-    /// The configuration text.
-    pub toml: String,
-    /// base64 ed25519 signature over `floorgate-config/v1\n{version}\n{toml}`.
-    #[serde(default)]
-    pub sig: Option<String>,
-}
+pub use crate::uplink::remote::{signing_message, ConfigSet};
 
 /// Outcome of a pushed config, published retained on `config/state`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,26 +35,15 @@ impl ConfigState {
     }
 }
 
-/// The bytes that are signed.
-pub fn signing_message(version: u64, toml: &str) -> Vec<u8> {
-    format!("floorgate-config/v1\n{version}\n{toml}").into_bytes()
-}
-
-/// Checks the signature of a pushed config.
+/// Checks the signature of a pushed config against `uplink.config_public_key`.
 pub fn verify_signature(public: &[u8; 32], set: &ConfigSet) -> Result<(), String> {
-    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
     let sig = set
         .sig
         .as_deref()
         .ok_or("unsigned config refused: uplink.config_public_key is set")?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(sig.trim())
-        .map_err(|e| format!("signature is not base64: {e}"))?;
-    let sig =
-        Signature::from_slice(&bytes).map_err(|_| "signature must be 64 bytes".to_string())?;
-    let key = VerifyingKey::from_bytes(public).map_err(|e| format!("config_public_key: {e}"))?;
-    key.verify(&signing_message(set.version, &set.toml), &sig)
-        .map_err(|_| "bad signature: not signed by the key in uplink.config_public_key".to_string())
+    crate::uplink::remote::verify(public, set.version, &set.toml, sig).map_err(|e| {
+        format!("bad signature: not signed by the key in uplink.config_public_key ({e})")
+    })
 }
 
 /// Applied-config files of a gateway.
@@ -361,6 +339,7 @@ pub fn check_command(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use ed25519_dalek::{Signer, SigningKey};
 
     #[test]

@@ -4,6 +4,7 @@ mod buffer;
 mod check;
 mod config_cmd;
 mod demo;
+mod fleet;
 mod run;
 mod rw;
 mod scan;
@@ -53,6 +54,10 @@ enum Command {
     Read(rw::ReadArgs),
     /// Write a holding register or coil, raw or a writable point of a configured device.
     Write(rw::WriteArgs),
+    /// Cloud side of signed remote configuration: make the signing key, push a config to a
+    /// gateway or a group (canary first) and report each gateway's outcome.
+    #[command(subcommand)]
+    Fleet(fleet::Command),
 }
 
 /// An error with its exit code.
@@ -135,6 +140,7 @@ pub fn main() -> i32 {
             Command::Scan(a) => scan::run(a).await,
             Command::Read(a) => rw::read(a).await,
             Command::Write(a) => rw::write(a).await,
+            Command::Fleet(c) => fleet::run(c).await,
         }
     });
     match result {

@@ -6,6 +6,7 @@ mod support;
 mod check;
 mod config;
 mod daemon;
+mod fleet;
 mod operate;
 mod pipeline;
 mod remote;
