@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Control {
     /// Gateway id.
     pub gateway: String,
-    /// Applied config version, if remote config is in use.
-    pub config_version: Option<u64>,
+    /// Applied config version, if remote config is in use (updated by the daemon).
+    pub config_version: Arc<std::sync::Mutex<Option<u64>>>,
     /// Unix ms of the daemon start.
     pub started_ms: u64,
     /// The store.
@@ -97,7 +97,7 @@ impl Control {
         json!({
             "gateway": self.gateway,
             "version": env!("CARGO_PKG_VERSION"),
-            "config_version": self.config_version,
+            "config_version": *self.config_version.lock().unwrap_or_else(|p| p.into_inner()),
             "started": self.started_ms,
             "uptime_s": now.saturating_sub(self.started_ms) / 1000,
             "devices": devices,

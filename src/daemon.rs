@@ -65,6 +65,8 @@ pub struct Shared {
     incoming_rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<Incoming>>>>,
     /// Asks the daemon to reload its effective configuration (control socket, `config rollback`).
     pub reload: Arc<tokio::sync::Notify>,
+    /// The applied remote config version, for `status`.
+    pub config_version: Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 impl Shared {
@@ -81,6 +83,7 @@ impl Shared {
             incoming_tx,
             incoming_rx: Arc::new(std::sync::Mutex::new(Some(incoming_rx))),
             reload: Arc::default(),
+            config_version: Arc::default(),
         }
     }
 
@@ -112,6 +115,10 @@ impl Pipeline {
         shared: &Shared,
         version: Option<u64>,
     ) -> Result<Pipeline, DaemonError> {
+        *shared
+            .config_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = version;
         let pollers = CancellationToken::new();
         let writer_token = CancellationToken::new();
         let uplink_token = CancellationToken::new();
@@ -239,8 +246,8 @@ pub async fn run_with(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let history = crate::remote::History::new(&config.gateway.state_dir);
-    let mut version = history.current();
-    let mut pipeline = Pipeline::start(&config, &shared, version)?;
+    let mut version = history.applied();
+    let mut pipeline = Pipeline::start(&config, &shared, version.version())?;
     let mut incoming = shared
         .incoming_rx
         .lock()
@@ -261,7 +268,7 @@ pub async fn run_with(
     let control_stop = CancellationToken::new();
     let control = crate::control::Control {
         gateway: config.gateway.id.clone(),
-        config_version: version,
+        config_version: shared.config_version.clone(),
         started_ms: crate::event::now_ms(),
         store: shared.store.clone(),
         health: shared.health.clone(),
@@ -295,8 +302,8 @@ pub async fn run_with(
                         pipeline.stop().await;
                         let previous = (config.clone(), version);
                         config = g.config.clone();
-                        version = Some(g.version);
-                        match Pipeline::start(&config, &shared, version) {
+                        version = g.applied;
+                        match Pipeline::start(&config, &shared, version.version()) {
                             Ok(p) => {
                                 pipeline = p;
                                 gate = Some(Gate::new(g, previous, &shared, online));
@@ -304,7 +311,7 @@ pub async fn run_with(
                             Err(error) => {
                                 let why = format!("cannot start with the new configuration: {error}");
                                 (config, version) = previous;
-                                pipeline = Pipeline::start(&config, &shared, version)?;
+                                pipeline = Pipeline::start(&config, &shared, version.version())?;
                                 finish(&shared, &history, g.version, "rolled_back", Some(&why), version);
                             }
                         }
@@ -327,7 +334,7 @@ pub async fn run_with(
                         let g = gate.take().ok_or_else(|| std::io::Error::other("gate"))?;
                         pipeline.stop().await;
                         (config, version) = g.previous;
-                        pipeline = Pipeline::start(&config, &shared, version)?;
+                        pipeline = Pipeline::start(&config, &shared, version.version())?;
                         finish(&shared, &history, g.version, "rolled_back", Some(&why), version);
                     }
                 }
@@ -338,7 +345,7 @@ pub async fn run_with(
                     Ok((new, v)) => {
                         pipeline.stop().await;
                         (config, version) = (new, v);
-                        pipeline = Pipeline::start(&config, &shared, version)?;
+                        pipeline = Pipeline::start(&config, &shared, version.version())?;
                     }
                     Err(errors) => tracing::error!(%errors, "reload rejected; keeping the running configuration"),
                 }
@@ -350,7 +357,7 @@ pub async fn run_with(
                     Ok((new, v)) => {
                         pipeline.stop().await;
                         (config, version) = (new, v);
-                        pipeline = Pipeline::start(&config, &shared, version)?;
+                        pipeline = Pipeline::start(&config, &shared, version.version())?;
                         tracing::info!("configuration reloaded");
                     }
                     Err(errors) => {
@@ -400,6 +407,7 @@ fn progressing(shared: &Shared) -> bool {
 struct Accepted {
     version: u64,
     config: Config,
+    applied: crate::remote::Applied,
 }
 
 /// Handles `config/set`: signature, version, validation and box checks. Rejections are reported on
@@ -439,7 +447,8 @@ fn on_config_set(
         },
         None => tracing::warn!("accepting an unsigned configuration: set uplink.config_public_key to require signatures"),
     }
-    if Some(set.version) == history.current() {
+    let now = history.applied();
+    if Some(set.version) == now.full || Some(set.version) == now.overlay {
         // The version in use again (e.g. a canary also follows the group topic): nothing to do,
         // and its retained `applied` state stays.
         tracing::debug!(
@@ -458,21 +467,66 @@ fn on_config_set(
     if busy {
         return reject(v, "another configuration is being applied".into());
     }
-    if msg.topic.contains("/groups/") {
-        return reject(
-            v,
-            "group configurations are not supported by this gateway version yet".into(),
-        );
-    }
-    let config = match crate::config::parse_str(&set.toml, path) {
-        Ok(c) => c,
-        Err(errors) => {
-            let text = errors.to_string().replace(
-                &path.display().to_string(),
-                &format!("config v{}", set.version),
-            );
-            return reject(v, text);
+    // A document with a [gateway] section is a whole configuration for this gateway; one with
+    // only [profiles.*] and [poll] is a fleet overlay applied on top of it.
+    let whole = toml::from_str::<toml::Table>(&set.toml)
+        .map(|t| t.contains_key("gateway"))
+        .unwrap_or(true);
+    let located = |errors: crate::config::ConfigErrors| {
+        errors.to_string().replace(
+            &path.display().to_string(),
+            &format!("config v{}", set.version),
+        )
+    };
+    let (config, applied) = if whole {
+        if msg.topic.contains("/groups/") {
+            return reject(v, "a group configuration holds only [profiles.*] and [poll]; identity, buses, devices and credentials stay the gateway's own".into());
         }
+        let base = match crate::config::parse_str(&set.toml, path) {
+            Ok(c) => c,
+            Err(errors) => return reject(v, located(errors)),
+        };
+        let config = match crate::remote::load_overlay(path, history, now.overlay) {
+            Ok(Some(o)) => base.compose(&o),
+            _ => base,
+        };
+        (
+            config,
+            crate::remote::Applied {
+                full: v,
+                overlay: now.overlay,
+            },
+        )
+    } else {
+        let overlay = match crate::config::parse_overlay(&set.toml, path) {
+            Ok(o) => o,
+            Err(errors) => return reject(v, located(errors)),
+        };
+        let base = match crate::remote::load_base(path, history, now.full) {
+            Ok(b) => b,
+            Err(e) => {
+                return reject(
+                    v,
+                    format!("the gateway's own configuration does not load: {e}"),
+                )
+            }
+        };
+        let config = base.compose(&overlay);
+        // Poll policy and devices must still fit together.
+        if let Some(p) = config
+            .poll_policy
+            .keys()
+            .find(|p| !config.profiles.contains_key(*p))
+        {
+            return reject(v, format!("[poll] names unknown profile {p:?}"));
+        }
+        (
+            config,
+            crate::remote::Applied {
+                full: now.full,
+                overlay: v,
+            },
+        )
     };
     if let Err(e) = crate::remote::check_against_box(&config, running) {
         return reject(v, e);
@@ -480,12 +534,13 @@ fn on_config_set(
     if let Err(e) = history.store(set.version, &set.toml) {
         return reject(v, format!("cannot store the configuration: {e}"));
     }
-    if let Err(e) = history.set_current(Some(set.version)) {
+    if let Err(e) = history.set_applied(applied) {
         return reject(v, format!("cannot switch to the configuration: {e}"));
     }
     Some(Accepted {
         version: set.version,
         config,
+        applied,
     })
 }
 
@@ -496,9 +551,9 @@ fn finish(
     version: u64,
     status: &str,
     error: Option<&str>,
-    current: Option<u64>,
+    current: crate::remote::Applied,
 ) {
-    if let Err(e) = history.set_current(current) {
+    if let Err(e) = history.set_applied(current) {
         tracing::error!(error = %e, "cannot record the configuration in use");
     }
     if let Err(e) = history.record(version, status, error) {
@@ -521,7 +576,7 @@ enum Verdict {
 /// The health gate of an applied configuration.
 struct Gate {
     version: u64,
-    previous: (Config, Option<u64>),
+    previous: (Config, crate::remote::Applied),
     deadline: tokio::time::Instant,
     window: Duration,
     sessions_before: u64,
@@ -540,7 +595,7 @@ impl std::fmt::Debug for Gate {
 impl Gate {
     fn new(
         a: Accepted,
-        previous: (Config, Option<u64>),
+        previous: (Config, crate::remote::Applied),
         shared: &Shared,
         online: Vec<String>,
     ) -> Gate {

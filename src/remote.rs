@@ -120,16 +120,44 @@ impl History {
         )
     }
 
-    /// Makes `version` (or the local file, for None) the one in use.
-    pub fn set_current(&self, version: Option<u64>) -> std::io::Result<()> {
+    /// The fleet overlay version in use, if any.
+    pub fn overlay(&self) -> Option<u64> {
+        self.read_u64("overlay")
+    }
+
+    /// Makes `version` the fleet overlay in use (None: no overlay).
+    pub fn set_overlay(&self, version: Option<u64>) -> std::io::Result<()> {
+        self.set_pointer("overlay", version)
+    }
+
+    fn set_pointer(&self, name: &str, version: Option<u64>) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         match version {
-            Some(v) => write_atomic(&self.dir.join("current"), v.to_string().as_bytes()),
-            None => match std::fs::remove_file(self.dir.join("current")) {
+            Some(v) => write_atomic(&self.dir.join(name), v.to_string().as_bytes()),
+            None => match std::fs::remove_file(self.dir.join(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             },
         }
+    }
+
+    /// Makes `version` (or the local file, for None) the one in use.
+    pub fn set_current(&self, version: Option<u64>) -> std::io::Result<()> {
+        self.set_pointer("current", version)
+    }
+
+    /// The pointers in use.
+    pub fn applied(&self) -> Applied {
+        Applied {
+            full: self.current(),
+            overlay: self.overlay(),
+        }
+    }
+
+    /// Restores both pointers.
+    pub fn set_applied(&self, a: Applied) -> std::io::Result<()> {
+        self.set_current(a.full)?;
+        self.set_overlay(a.overlay)
     }
 
     /// Appends an outcome.
@@ -170,23 +198,68 @@ impl History {
     }
 }
 
-/// The configuration in effect: the applied remote version if any, else the local file.
-/// Includes of a remote version resolve relative to the local file's folder.
-pub fn load_effective(local: &Path) -> Result<(Config, Option<u64>), crate::config::ConfigErrors> {
-    let base = crate::config::load(local)?;
-    let history = History::new(&base.gateway.state_dir);
-    let Some(v) = history.current() else {
-        return Ok((base, None));
-    };
-    match history
-        .text(v)
+/// Which remotely pushed versions are in use: a whole gateway configuration, and a fleet overlay
+/// (profiles and poll policy shared by a group) applied on top.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Whole configuration version (None: the local file).
+    pub full: Option<u64>,
+    /// Overlay version (None: no overlay).
+    pub overlay: Option<u64>,
+}
+
+impl Applied {
+    /// The version reported in `status` (the newest of both).
+    pub fn version(&self) -> Option<u64> {
+        self.full.max(self.overlay)
+    }
+}
+
+/// The base configuration for `full`: the stored version, or the local file.
+pub fn load_base(local: &Path, history: &History, full: Option<u64>) -> Result<Config, String> {
+    match full {
+        None => crate::config::load(local).map_err(|e| e.to_string()),
+        Some(v) => {
+            let t = history.text(v).map_err(|e| format!("version {v}: {e}"))?;
+            crate::config::parse_str(&t, local).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The overlay for `overlay`.
+pub fn load_overlay(
+    local: &Path,
+    history: &History,
+    overlay: Option<u64>,
+) -> Result<Option<crate::config::Overlay>, String> {
+    let Some(v) = overlay else { return Ok(None) };
+    let t = history.text(v).map_err(|e| format!("version {v}: {e}"))?;
+    crate::config::parse_overlay(&t, local)
+        .map(Some)
         .map_err(|e| e.to_string())
-        .and_then(|t| crate::config::parse_str(&t, local).map_err(|e| e.to_string()))
-    {
-        Ok(cfg) => Ok((cfg, Some(v))),
+}
+
+/// The configuration in effect: the applied remote version (or the local file) with the applied
+/// fleet overlay on top. Includes of a remote version resolve relative to the local file's folder.
+pub fn load_effective(local: &Path) -> Result<(Config, Applied), crate::config::ConfigErrors> {
+    let local_cfg = crate::config::load(local)?;
+    let history = History::new(&local_cfg.gateway.state_dir);
+    let mut applied = history.applied();
+    let base = match load_base(local, &history, applied.full) {
+        Ok(b) => b,
         Err(error) => {
-            tracing::error!(version = v, %error, "applied remote config no longer loads; using the local file");
-            Ok((base, None))
+            tracing::error!(version = ?applied.full, %error, "applied remote config no longer loads; using the local file");
+            applied.full = None;
+            local_cfg
+        }
+    };
+    match load_overlay(local, &history, applied.overlay) {
+        Ok(Some(o)) => Ok((base.compose(&o), applied)),
+        Ok(None) => Ok((base, applied)),
+        Err(error) => {
+            tracing::error!(version = ?applied.overlay, %error, "applied fleet overlay no longer loads; ignoring it");
+            applied.overlay = None;
+            Ok((base, applied))
         }
     }
 }

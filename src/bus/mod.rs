@@ -70,6 +70,7 @@ pub type Health = Arc<Mutex<HealthState>>;
 
 struct Dev {
     cfg: Device,
+    poll: Duration,
     profile: Arc<Profile>,
     plan: ReadPlan,
     deriver: Deriver,
@@ -156,6 +157,7 @@ impl BusTask {
             // Spread the first polls so that devices with one period do not all fire at once.
             let next_due = start + Duration::from_millis(i as u64 * 5);
             devices.push(Dev {
+                poll: config.poll_of(d),
                 cfg: d.clone(),
                 profile,
                 plan,
@@ -359,7 +361,7 @@ impl BusTask {
             None => {
                 let values = dev.plan.decode(&dev.profile, &raws);
                 dev.failures_in_row = 0;
-                dev.next_due = next_due(dev.next_due, dev.cfg.poll, now);
+                dev.next_due = next_due(dev.next_due, dev.poll, now);
                 (dev.deriver.on_values(now.into_std(), &values), None)
             }
             Some(e) => {
@@ -372,7 +374,7 @@ impl BusTask {
                     .poll
                     .max(Duration::from_millis(500))
                     .saturating_mul(1u32 << dev.failures_in_row.min(16))
-                    .min(self.cfg.backoff_max.max(dev.cfg.poll));
+                    .min(self.cfg.backoff_max.max(dev.poll));
                 dev.next_due = now + backoff;
                 (dev.deriver.on_offline(&e.to_string()), Some(e))
             }

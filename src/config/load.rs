@@ -70,6 +70,10 @@ pub(crate) struct RawConfig {
     pub(crate) buses: Vec<Spanned<RawBus>>,
     pub(crate) devices: Vec<Spanned<RawDevice>>,
     pub(crate) profiles: Vec<(FileId, Spanned<String>, RawProfile)>,
+    pub(crate) poll:
+        Option<Spanned<std::collections::BTreeMap<String, Spanned<super::units::Dur>>>>,
+    /// A fleet overlay: `[poll]` may name profiles defined by the gateway itself.
+    pub(crate) overlay: bool,
 }
 
 /// Loads and checks the configuration file at `path`.
@@ -87,10 +91,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Checks configuration text as if read from `path` (includes resolve relative to its folder).
 pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    parse_with(text, path, false)
+}
+
+pub(crate) fn parse_with(text: &str, path: &Path, overlay: bool) -> Result<Config, ConfigErrors> {
     let mut src = Sources::default();
     let main = src.add(path.to_path_buf(), text.to_string());
     let mut raw = RawConfig {
         main,
+        overlay,
         ..RawConfig::default()
     };
     parse_main(&mut src, &mut raw, text);
@@ -192,11 +201,12 @@ fn parse_main(src: &mut Sources, raw: &mut RawConfig, text: &str) {
                 }
             }
             "profiles" => profiles(src, raw, file, value),
+            "poll" => raw.poll = de_spanned(src, file, value),
             other => src.error(
                 file,
                 Some(key_span),
                 format!(
-                    "unknown section `{other}`, expected one of gateway, store, uplink, metrics, bus, device, profiles"
+                    "unknown section `{other}`, expected one of gateway, store, uplink, metrics, bus, device, profiles, poll"
                 ),
             ),
         }

@@ -39,6 +39,8 @@ pub struct Config {
     pub devices: Vec<Device>,
     /// Profiles by name, inline and included.
     pub profiles: BTreeMap<String, Arc<Profile>>,
+    /// `[poll]`: poll period by profile name, overriding the devices' own `poll`.
+    pub poll_policy: BTreeMap<String, Duration>,
 }
 
 /// `[gateway]`
@@ -336,4 +338,63 @@ impl Config {
     pub fn profile_of(&self, device: &Device) -> Option<&Arc<Profile>> {
         self.profiles.get(&device.profile)
     }
+
+    /// The poll period of a device: the `[poll]` policy of its profile, else its own.
+    pub fn poll_of(&self, device: &Device) -> Duration {
+        self.poll_policy
+            .get(&device.profile)
+            .copied()
+            .unwrap_or(device.poll)
+    }
+
+    /// Applies a fleet overlay (profiles and poll policy only, see [`parse_overlay`]): its profiles
+    /// replace same-named ones, its poll policy replaces same-named entries.
+    pub fn compose(&self, overlay: &Overlay) -> Config {
+        let mut c = self.clone();
+        for (name, p) in &overlay.profiles {
+            c.profiles.insert(name.clone(), p.clone());
+        }
+        for (name, d) in &overlay.poll_policy {
+            c.poll_policy.insert(name.clone(), *d);
+        }
+        c
+    }
+}
+
+/// Shared parts pushed to a fleet group: profiles (points, alarm rules) and poll policy.
+#[derive(Debug, Clone, Default)]
+pub struct Overlay {
+    /// Profiles by name.
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+    /// Poll period by profile name.
+    pub poll_policy: BTreeMap<String, Duration>,
+}
+
+/// Parses an overlay: a TOML document with only `[profiles.*]` and `[poll]`. Errors are located
+/// as for a configuration file named `path`.
+pub fn parse_overlay(text: &str, path: &std::path::Path) -> Result<Overlay, ConfigErrors> {
+    // The gateway section goes last so that line numbers stay those of the text.
+    let doc = format!("{text}\n[gateway]\nid = \"overlay\"\n");
+    let c = load::parse_with(&doc, path, true)?;
+    let mut problems = Vec::new();
+    if c.uplink.is_some() || !c.buses.is_empty() || !c.devices.is_empty() {
+        problems.push("a group configuration holds only [profiles.*] and [poll]; identity, buses, devices and credentials stay the gateway's own");
+    }
+    if !problems.is_empty() {
+        return Err(ConfigErrors(
+            problems
+                .iter()
+                .map(|m| ConfigError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    col: 0,
+                    message: m.to_string(),
+                })
+                .collect(),
+        ));
+    }
+    Ok(Overlay {
+        profiles: c.profiles,
+        poll_policy: c.poll_policy,
+    })
 }

@@ -229,6 +229,22 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         });
     }
 
+    let mut poll_policy = BTreeMap::new();
+    let overlay = raw.overlay;
+    if let Some(poll) = raw.poll {
+        for (name, d) in poll.into_inner() {
+            if !overlay && !profile_files.contains_key(&name) {
+                src.error(
+                    main,
+                    Some(d.span()),
+                    format!("[poll] names unknown profile {name:?}"),
+                );
+            } else if d.get_ref().0 < Duration::from_millis(10) {
+                src.error(main, Some(d.span()), "poll must be at least 10ms");
+            }
+            poll_policy.insert(name, d.into_inner().0);
+        }
+    }
     if !gateway_ok {
         return None;
     }
@@ -241,6 +257,7 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
         buses,
         devices,
         profiles,
+        poll_policy,
     })
 }
 

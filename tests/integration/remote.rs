@@ -162,7 +162,10 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     publish(&broker, topic, signed(&key, 3, &with_two), false).await;
     let st = state_of(&mut states, 3, Duration::from_secs(10)).await;
     assert_eq!(st["status"], "rejected", "{st}");
-    assert!(st["error"].as_str().unwrap().contains("not newer than 5"), "the highest version survives the restart: {st}");
+    assert!(
+        st["error"].as_str().unwrap().contains("not newer than 5"),
+        "the highest version survives the restart: {st}"
+    );
 
     // A config pointing at a dead broker rolls back by itself; events keep flowing exactly once.
     let dead_port = crate::support::gateway::free_port();
@@ -331,4 +334,267 @@ async fn outcome(results: &mut Subscriber, id: &str) -> serde_json::Value {
             return v;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_push_reaches_every_member_and_composes_with_their_own_config() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(3, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    for d in &devs {
+        d.bank()
+            .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 300));
+    }
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    let public = b64(key.verifying_key().as_bytes());
+    let mut events = subscribe(&broker, "floorgate/test/+/events").await;
+    let mut states = subscribe(&broker, "floorgate/test/+/config/state").await;
+    let start = |id: &'static str, unit: u8, groups: &'static str| {
+        let uplink = format!(
+            "{}config_public_key = \"{public}\"\n",
+            uplink_for(&pki, &broker)
+        );
+        Gateway::start(move |state, metrics| {
+            config(
+                id,
+                state,
+                metrics,
+                &format!(
+                    "{uplink}{}{}",
+                    tcp_bus("lan", tcp),
+                    device(&format!("{id}-bags"), "lan", unit, "bag_dispenser", "100ms")
+                ),
+            )
+            .replace("include = [", &format!("groups = [{groups}]\ninclude = ["))
+        })
+    };
+    let a = start("gw-a", 1, "\"west\"");
+    let b = start("gw-b", 2, "\"west\", \"all\"");
+    let c = start("gw-c", 3, "\"east\"");
+    let mut rx = Received::default();
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| [
+            "gw-a-bags",
+            "gw-b-bags",
+            "gw-c-bags"
+        ]
+        .iter()
+        .all(|d| !rx.of(d, "state").is_empty()))
+        .await,
+        "{}",
+        a.log()
+    );
+    // The group sets shared parts: an alarm rule in the bag dispenser profile and its poll policy.
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/profiles/bag_dispenser.toml"
+    ))
+    .unwrap();
+    let overlay = format!(
+        "{shipped}\n[[profiles.bag_dispenser.alarms]]\nname = \"stock_below_400\"\nwhen = \"stock < 400\"\nseverity = \"major\"\n\n[poll]\nbag_dispenser = \"200ms\"\n"
+    );
+    // A whole configuration is not accepted from a group.
+    let whole = std::fs::read_to_string(&a.config_path).unwrap();
+    publish(
+        &broker,
+        "floorgate/test/groups/west/config/set",
+        signed(&key, 1, &whole),
+        false,
+    )
+    .await;
+    let st = state_of(&mut states, 1, Duration::from_secs(10)).await;
+    assert_eq!(st["status"], "rejected");
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap()
+            .contains("only [profiles.*] and [poll]"),
+        "{st}"
+    );
+    publish(
+        &broker,
+        "floorgate/test/groups/west/config/set",
+        signed(&key, 2, &overlay),
+        false,
+    )
+    .await;
+    let mut applied = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while applied.len() < 2 && tokio::time::Instant::now() < deadline {
+        if let Some((topic, p, _)) = states.next(Duration::from_millis(500)).await {
+            let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+            if v["version"] == 2 {
+                assert_eq!(v["status"], "applied", "{topic}: {v}");
+                applied.insert(topic);
+            }
+        }
+    }
+    assert_eq!(
+        applied.len(),
+        2,
+        "both members of west applied: {applied:?}\n{}",
+        b.log()
+    );
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(10), |rx| [
+            "gw-a-bags",
+            "gw-b-bags"
+        ]
+        .iter()
+        .all(|d| rx
+            .of(d, "alarm")
+            .iter()
+            .any(|e| e["alarm"] == "stock_below_400")))
+        .await,
+        "the group's alarm rule is live on its members"
+    );
+    assert!(
+        rx.of("gw-c-bags", "alarm").is_empty(),
+        "a gateway outside the group is untouched"
+    );
+    // Each member keeps its identity, buses and devices.
+    let h: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+            .args(["status", "--json", "--config"])
+            .arg(&b.config_path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(h["gateway"], "gw-b");
+    assert_eq!(h["config_version"], 2);
+    assert!(h["devices"]["gw-b-bags"]["online"] == true);
+    drop(c);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_push_with_a_canary_against_real_gateways() {
+    let stop = CancellationToken::new();
+    let (tcp, _devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let keys = tempfile::tempdir().unwrap();
+    let key_path = keys.path().join("fleet.key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["fleet", "keygen"])
+        .arg(&key_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let public = std::fs::read_to_string(key_path.with_extension("key.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut states = subscribe(&broker, "floorgate/test/+/config/state").await;
+    let start = |id: &'static str, unit: u8| {
+        let uplink = format!(
+            "{}config_public_key = \"{public}\"\n",
+            uplink_for(&pki, &broker)
+        );
+        Gateway::start(move |state, metrics| {
+            config(
+                id,
+                state,
+                metrics,
+                &format!(
+                    "{uplink}{}{}",
+                    tcp_bus("lan", tcp),
+                    device(&format!("{id}-bags"), "lan", unit, "bag_dispenser", "100ms")
+                ),
+            )
+            .replace("include = [", "groups = [\"west\"]\ninclude = [")
+        })
+    };
+    let a = start("gw-a", 1);
+    let _b = start("gw-b", 2);
+    assert!(
+        a.wait_log("uplink connected", Duration::from_secs(10))
+            .await
+    );
+    assert!(
+        _b.wait_log("uplink connected", Duration::from_secs(10))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let push = |version: &str, file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+            .args([
+                "fleet",
+                "push",
+                "--broker",
+                &format!("mqtts://localhost:{}", broker.port),
+            ])
+            .arg("--ca-file")
+            .arg(&pki.ca_cert)
+            .arg("--cert-file")
+            .arg(&pki.client_cert)
+            .arg("--key-file")
+            .arg(&pki.client_key)
+            .arg("--key")
+            .arg(&key_path)
+            .args([
+                "--group",
+                "west",
+                "--members",
+                "gw-a,gw-b",
+                "--site",
+                "test",
+                "--canary",
+                "1",
+                "--timeout",
+                "20s",
+                "--version",
+                version,
+                "--json",
+            ])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    // A policy naming an unknown profile is rejected by the canary: the rest is skipped.
+    let bad = keys.path().join("bad.toml");
+    std::fs::write(&bad, "[poll]\nghost = \"1s\"\n").unwrap();
+    let out = push("3", &bad);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = |v: &serde_json::Value, gw: &str| {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["gateway"] == gw)
+            .map(|r| r["status"].clone())
+    };
+    assert_eq!(status(&v, "gw-a"), Some("rejected".into()), "{v}");
+    assert_eq!(status(&v, "gw-b"), Some("skipped".into()), "{v}");
+    // A good policy: canary first, then the group.
+    let good = keys.path().join("good.toml");
+    std::fs::write(&good, "[poll]\nbag_dispenser = \"250ms\"\n").unwrap();
+    let out = push("4", &good);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{v}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+    assert_eq!(status(&v, "gw-a"), Some("applied".into()));
+    assert_eq!(status(&v, "gw-b"), Some("applied".into()));
+    drop(states.drain());
+    stop.cancel();
 }
