@@ -255,6 +255,7 @@ pub async fn run_with(
         .take()
         .ok_or_else(|| std::io::Error::other("daemon already running with this shared state"))?;
     let mut gate: Option<Gate> = None;
+    let mut health_tick = tokio::time::interval(Duration::from_secs(60));
     let mut gate_tick = tokio::time::interval(Duration::from_millis(250));
     let stats = shared.store.stats();
     tracing::info!(
@@ -319,6 +320,9 @@ pub async fn run_with(
                 } else if msg.topic.ends_with("/cmd") {
                     on_command(&msg, &config, &shared, &pipeline.commands);
                 }
+            }
+            _ = health_tick.tick() => {
+                shared.publish("health", &health_message(&shared, &config), true);
             }
             _ = gate_tick.tick(), if gate.is_some() => {
                 let Some(g) = gate.as_ref() else { continue };
@@ -791,4 +795,24 @@ fn on_command(
         };
         report(&shared, r, true);
     });
+}
+
+/// The periodic `health` message (retained): the floor at a glance for the cloud.
+fn health_message(shared: &Shared, config: &Config) -> serde_json::Value {
+    let st = shared.store.stats();
+    let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+    let down: Vec<&String> = h
+        .devices
+        .iter()
+        .filter(|(_, d)| !d.online)
+        .map(|(n, _)| n)
+        .collect();
+    serde_json::json!({
+        "ts": crate::event::now_ms(),
+        "gateway": config.gateway.id,
+        "config_version": *shared.config_version.lock().unwrap_or_else(|p| p.into_inner()),
+        "devices": { "total": h.devices.len(), "up": h.devices.len() - down.len(), "down": down },
+        "backlog": { "events": st.events, "bytes": st.bytes, "oldest_seq": st.oldest_seq },
+        "dropped": st.dropped,
+    })
 }

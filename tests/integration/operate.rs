@@ -90,6 +90,17 @@ async fn status_buffer_and_metrics_show_what_the_floor_is_doing() {
         0o600
     );
 
+    // The retained health message gives the cloud the floor at a glance.
+    let mut health = subscribe(&broker, "floorgate/test/gw-op/health").await;
+    let (_, payload, _) = health
+        .next(Duration::from_secs(10))
+        .await
+        .expect("retained health message");
+    let h: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(h["gateway"], "gw-op");
+    assert_eq!(h["devices"]["total"], 3);
+    assert!(h["backlog"]["events"].is_u64());
+
     // Metrics an operator needs.
     assert!(gw.metric("floorgate_uplink_publishes_total").await.unwrap() >= 1.0);
     assert!(
