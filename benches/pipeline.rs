@@ -238,6 +238,124 @@ async fn footprint(pki: &Pki, broker: &Broker, secs: u64) -> (f64, f64) {
     (cpu, rss_max)
 }
 
+/// The reference floor (8 bag dispensers, 4 cabinets on one RS485 line) at `baud`: measured poll
+/// cycle against the theoretical wire time of the same transactions, and the coalescing figure.
+async fn bus_efficiency(baud: u32) -> serde_json::Value {
+    use floorgate::device::ReadPlan;
+    let stop = CancellationToken::new();
+    let turnaround = Duration::from_millis(2);
+    let mut floor = SimFloor::new(8, 4);
+    floor.models = false;
+    floor.rtu.line = Some(floorgate::sim::LineTiming { baud });
+    floor.rtu.turnaround = turnaround;
+    let (pty, _) = floor.start_pty(stop.clone()).unwrap();
+    let cfg = floorgate::config::parse_str(
+        &format!("[gateway]\nid = \"b\"\ninclude = [\"{}/config/profiles/*.toml\"]\n", env!("CARGO_MANIFEST_DIR")),
+        std::path::Path::new("bench.toml"),
+    )
+    .unwrap();
+    let units: Vec<(u8, ReadPlan)> = (1..=12u8)
+        .map(|u| {
+            let p = if u <= 8 { &cfg.profiles["bag_dispenser"] } else { &cfg.profiles["charging_cabinet"] };
+            (u, ReadPlan::new(p, 8).unwrap())
+        })
+        .collect();
+    let points: usize = (1..=12).map(|u| if u <= 8 { cfg.profiles["bag_dispenser"].points.len() } else { cfg.profiles["charging_cabinet"].points.len() }).sum();
+    let transactions: usize = units.iter().map(|(_, p)| p.spans.len()).sum();
+    let bus = Bus {
+        name: "ref".into(),
+        kind: BusKind::Rtu { port: pty, baud, parity: Parity::None, data_bits: 8, stop_bits: 1 },
+        timeout: Duration::from_millis(1000),
+        retries: 0,
+        turnaround: Duration::ZERO,
+        max_gap: 8,
+        backoff_max: Duration::from_secs(1),
+    };
+    let char_time = 10.0 / baud as f64;
+    let t35 = floorgate::bus::link::t35(baud, 10).as_secs_f64();
+    // Request 8 bytes; reply 5 + data bytes; device turnaround; the 3.5-character gap before the next.
+    let theory: f64 = units
+        .iter()
+        .flat_map(|(_, p)| p.spans.iter())
+        .map(|s| {
+            let data = if s.table.is_bit() { (s.count as usize).div_ceil(8) } else { 2 * s.count as usize };
+            (8 + 5 + data) as f64 * char_time + turnaround.as_secs_f64() + t35
+        })
+        .sum();
+    let mut link = floorgate::bus::link::Link::new(&bus);
+    let mut cycles = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        for (u, plan) in &units {
+            for span in &plan.spans {
+                link.read(*u, *span).await.unwrap();
+            }
+        }
+        cycles.push(t0.elapsed().as_secs_f64());
+    }
+    stop.cancel();
+    let best = cycles.iter().copied().fold(f64::MAX, f64::min);
+    println!(
+        "  reference floor at {baud} baud: cycle {:.0} ms vs theoretical {:.0} ms ({:.0} %); {transactions} transactions per cycle instead of {points} (one per point)",
+        best * 1e3,
+        theory * 1e3,
+        theory / best * 100.0
+    );
+    json!({"baud": baud, "cycle_ms": best * 1e3, "theoretical_ms": theory * 1e3, "efficiency": theory / best,
+           "transactions_per_cycle": transactions, "points": points})
+}
+
+/// Device state change → broker, p50/p99, through `floorgate run` (poll 50 ms, default commit).
+async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
+    let stop = CancellationToken::new();
+    let mut floor = SimFloor::new(1, 0);
+    floor.models = false;
+    let (tcp, devs) = floor.start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"bench-lat\"\nsite = \"b\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"off\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n[[device]]\nname = \"d\"\nbus = \"lan\"\nunit = 1\nprofile = \"bag_dispenser\"\npoll = \"50ms\"\n",
+        dir.path().join("state").display(),
+        env!("CARGO_MANIFEST_DIR"),
+        broker.port,
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let path = dir.path().join("f.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut sub = broker::subscribe(broker, "floorgate/b/bench-lat/events").await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while sub.next(Duration::from_millis(200)).await.is_some() {}
+    let mut lat = Vec::new();
+    for i in 0..60u16 {
+        let status = 10 + (i % 2);
+        let t0 = Instant::now();
+        devs[0].bank().with(|t| t.set_u16(floorgate::sim::bag::HR_STATUS, status));
+        let deadline = t0 + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let Some((_, p, _)) = sub.next(Duration::from_millis(100)).await else { continue };
+            let v: serde_json::Value = serde_json::from_slice(&p).unwrap_or_default();
+            if v["events"].as_array().is_some_and(|e| e.iter().any(|e| e["values"]["status"] == status)) {
+                lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(37)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    stop.cancel();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    (pick(0.5), pick(0.99))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
@@ -289,6 +407,12 @@ async fn main() {
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(s);
     let (cpu, rss) = footprint(&pki, &broker, fp_secs).await;
+    let bus9600 = bus_efficiency(9600).await;
+    let bus19200 = bus_efficiency(19200).await;
+    let (p50, p99) = latency(&pki, &broker).await;
+    println!("  state change → broker latency (poll 50 ms, commit 50 ms): p50 {p50:.0} ms, p99 {p99:.0} ms");
+    let binary = std::fs::metadata(env!("CARGO_BIN_EXE_floorgate")).map(|m| m.len()).unwrap_or(0);
+    println!("  release binary: {:.1} MiB", binary as f64 / (1 << 20) as f64);
     println!("  floorgate run, 64 devices polled at 1 s over Modbus TCP: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
     let result = json!({
         "schema": "floorgate-bench/v1",
@@ -304,6 +428,9 @@ async fn main() {
         "plain_rounds_events_per_s": plains,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "backlog_events": n,
+        "bus_efficiency": [bus9600, bus19200],
+        "latency_ms": { "p50": p50, "p99": p99 },
+        "binary_bytes": binary,
         "targets": { "drain_events_per_s": 100000, "drain_ratio_to_plain": 0.8, "rss_max_mib": 20, "cpu_percent": 2 }
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
