@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand; errors become one-line causes and exit codes.
 
+mod completions;
 mod config_cmd;
 mod demo;
 mod run;
@@ -32,6 +33,12 @@ enum Command {
     /// Configuration files: validate.
     #[command(subcommand)]
     Config(config_cmd::Command),
+    /// Print the shell completion script (bash, zsh or fish).
+    #[command(hide = true)]
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 /// An error with its exit code.
@@ -107,6 +114,8 @@ pub fn main() -> i32 {
             Command::Demo(a) => demo::run(a).await,
             Command::Simulate(a) => simulate::run(a).await,
             Command::Config(c) => config_cmd::run(c).await,
+            Command::Completions(a) => completions::completions(a),
+            Command::Man => completions::man(),
         }
     });
     match result {
