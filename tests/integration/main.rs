@@ -5,6 +5,7 @@ mod support;
 
 mod config;
 mod daemon;
+mod packaging;
 mod pipeline;
 mod resilience;
 mod schema;
