@@ -250,21 +250,42 @@ async fn bus_efficiency(baud: u32) -> serde_json::Value {
     floor.rtu.turnaround = turnaround;
     let (pty, _) = floor.start_pty(stop.clone()).unwrap();
     let cfg = floorgate::config::parse_str(
-        &format!("[gateway]\nid = \"b\"\ninclude = [\"{}/config/profiles/*.toml\"]\n", env!("CARGO_MANIFEST_DIR")),
+        &format!(
+            "[gateway]\nid = \"b\"\ninclude = [\"{}/config/profiles/*.toml\"]\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
         std::path::Path::new("bench.toml"),
     )
     .unwrap();
     let units: Vec<(u8, ReadPlan)> = (1..=12u8)
         .map(|u| {
-            let p = if u <= 8 { &cfg.profiles["bag_dispenser"] } else { &cfg.profiles["charging_cabinet"] };
+            let p = if u <= 8 {
+                &cfg.profiles["bag_dispenser"]
+            } else {
+                &cfg.profiles["charging_cabinet"]
+            };
             (u, ReadPlan::new(p, 8).unwrap())
         })
         .collect();
-    let points: usize = (1..=12).map(|u| if u <= 8 { cfg.profiles["bag_dispenser"].points.len() } else { cfg.profiles["charging_cabinet"].points.len() }).sum();
+    let points: usize = (1..=12)
+        .map(|u| {
+            if u <= 8 {
+                cfg.profiles["bag_dispenser"].points.len()
+            } else {
+                cfg.profiles["charging_cabinet"].points.len()
+            }
+        })
+        .sum();
     let transactions: usize = units.iter().map(|(_, p)| p.spans.len()).sum();
     let bus = Bus {
         name: "ref".into(),
-        kind: BusKind::Rtu { port: pty, baud, parity: Parity::None, data_bits: 8, stop_bits: 1 },
+        kind: BusKind::Rtu {
+            port: pty,
+            baud,
+            parity: Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+        },
         timeout: Duration::from_millis(1000),
         retries: 0,
         turnaround: Duration::ZERO,
@@ -278,7 +299,11 @@ async fn bus_efficiency(baud: u32) -> serde_json::Value {
         .iter()
         .flat_map(|(_, p)| p.spans.iter())
         .map(|s| {
-            let data = if s.table.is_bit() { (s.count as usize).div_ceil(8) } else { 2 * s.count as usize };
+            let data = if s.table.is_bit() {
+                (s.count as usize).div_ceil(8)
+            } else {
+                2 * s.count as usize
+            };
             (8 + 5 + data) as f64 * char_time + turnaround.as_secs_f64() + t35
         })
         .sum();
@@ -310,7 +335,10 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
     let stop = CancellationToken::new();
     let mut floor = SimFloor::new(1, 0);
     floor.models = false;
-    let (tcp, devs) = floor.start_tcp(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let (tcp, devs) = floor
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[gateway]\nid = \"bench-lat\"\nsite = \"b\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"off\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n[[device]]\nname = \"d\"\nbus = \"lan\"\nunit = 1\nprofile = \"bag_dispenser\"\npoll = \"50ms\"\n",
@@ -336,12 +364,19 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
     for i in 0..60u16 {
         let status = 10 + (i % 2);
         let t0 = Instant::now();
-        devs[0].bank().with(|t| t.set_u16(floorgate::sim::bag::HR_STATUS, status));
+        devs[0]
+            .bank()
+            .with(|t| t.set_u16(floorgate::sim::bag::HR_STATUS, status));
         let deadline = t0 + Duration::from_secs(3);
         while Instant::now() < deadline {
-            let Some((_, p, _)) = sub.next(Duration::from_millis(100)).await else { continue };
+            let Some((_, p, _)) = sub.next(Duration::from_millis(100)).await else {
+                continue;
+            };
             let v: serde_json::Value = serde_json::from_slice(&p).unwrap_or_default();
-            if v["events"].as_array().is_some_and(|e| e.iter().any(|e| e["values"]["status"] == status)) {
+            if v["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["values"]["status"] == status))
+            {
                 lat.push(t0.elapsed().as_secs_f64() * 1e3);
                 break;
             }
@@ -352,7 +387,11 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
     let _ = child.wait();
     stop.cancel();
     lat.sort_by(|a, b| a.total_cmp(b));
-    let pick = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     (pick(0.5), pick(0.99))
 }
 
@@ -411,8 +450,13 @@ async fn main() {
     let bus19200 = bus_efficiency(19200).await;
     let (p50, p99) = latency(&pki, &broker).await;
     println!("  state change → broker latency (poll 50 ms, commit 50 ms): p50 {p50:.0} ms, p99 {p99:.0} ms");
-    let binary = std::fs::metadata(env!("CARGO_BIN_EXE_floorgate")).map(|m| m.len()).unwrap_or(0);
-    println!("  release binary: {:.1} MiB", binary as f64 / (1 << 20) as f64);
+    let binary = std::fs::metadata(env!("CARGO_BIN_EXE_floorgate"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "  release binary: {:.1} MiB",
+        binary as f64 / (1 << 20) as f64
+    );
     println!("  floorgate run, 64 devices polled at 1 s over Modbus TCP: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
     let result = json!({
         "schema": "floorgate-bench/v1",

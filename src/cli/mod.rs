@@ -2,6 +2,7 @@
 
 mod buffer;
 mod check;
+mod completions;
 mod config_cmd;
 mod demo;
 mod fleet;
@@ -58,6 +59,12 @@ enum Command {
     /// gateway or a group (canary first) and report each gateway's outcome.
     #[command(subcommand)]
     Fleet(fleet::Command),
+    /// Print the shell completion script (bash, zsh or fish).
+    #[command(hide = true)]
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 /// An error with its exit code.
@@ -141,6 +148,8 @@ pub fn main() -> i32 {
             Command::Read(a) => rw::read(a).await,
             Command::Write(a) => rw::write(a).await,
             Command::Fleet(c) => fleet::run(c).await,
+            Command::Completions(a) => completions::completions(a),
+            Command::Man => completions::man(),
         }
     });
     match result {

@@ -8,6 +8,7 @@ mod config;
 mod daemon;
 mod fleet;
 mod operate;
+mod packaging;
 mod pipeline;
 mod remote;
 mod resilience;
