@@ -403,7 +403,7 @@ fn progressing(shared: &Shared) -> bool {
     let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
     h.buses
         .values()
-        .all(|b| now.saturating_sub(b.last_activity_ms) <= b.backoff_max_ms + 30_000)
+        .all(|b| now.saturating_sub(b.last_activity_ms) <= b.backoff_max_ms + b.poll_slack_ms)
 }
 
 /// A pushed configuration that passed its checks and is about to be applied.

@@ -54,6 +54,8 @@ pub struct BusHealth {
     pub last_activity_ms: u64,
     /// Longest back-off: the task is stuck when silent for much longer than this.
     pub backoff_max_ms: u64,
+    /// Longest a poll may take (all its timeouts and resyncs), plus margin.
+    pub poll_slack_ms: u64,
 }
 
 /// Health of devices and buses, shared with `status`, the watchdog and the remote-config gate.
@@ -181,6 +183,8 @@ impl BusTask {
             b.since_ms = now;
             b.last_activity_ms = now;
             b.backoff_max_ms = bus.backoff_max.as_millis() as u64;
+            let per_try = bus.timeout.as_millis() as u64 * 20 * (bus.retries as u64 + 1);
+            b.poll_slack_ms = per_try.max(10_000);
         }
         let (commands_tx, commands) = tokio::sync::mpsc::channel(16);
         Ok(BusTask {
@@ -256,6 +260,7 @@ impl BusTask {
         if self.devices.is_empty() {
             return;
         }
+        let hang = std::env::var("FLOORGATE_FAULT_HANG_BUS").is_ok_and(|b| b == self.cfg.name);
         loop {
             let (i, due) = self
                 .devices
@@ -277,6 +282,12 @@ impl BusTask {
                 _ = tokio::time::sleep_until(due) => {}
             }
             if !self.poll(i, &shutdown).await {
+                break;
+            }
+            if hang {
+                // Fault injection for the watchdog test: the task stops making progress.
+                tracing::warn!(bus = %self.cfg.name, "FLOORGATE_FAULT_HANG_BUS: bus task hangs");
+                shutdown.cancelled().await;
                 break;
             }
         }

@@ -158,12 +158,21 @@ async fn refused_uplink_keeps_events(
     broker: &Broker,
     expect_in_log: &[&str],
 ) {
+    refused(name, uplink, Some(broker), expect_in_log).await;
+}
+
+/// The uplink is refused for the reasons in `expect_in_log`; events stay stored. With a broker
+/// that test clients can reach, also checks that nothing was delivered.
+async fn refused(name: &str, uplink: String, broker: Option<&Broker>, expect_in_log: &[&str]) {
     let stop = CancellationToken::new();
     let (tcp, _devs) = still_floor(1, 0)
         .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
         .await
         .unwrap();
-    let mut sub = subscribe(broker, &format!("floorgate/test/{name}/events")).await;
+    let mut sub = match broker {
+        Some(b) => Some(subscribe(b, &format!("floorgate/test/{name}/events")).await),
+        None => None,
+    };
     let gw = Gateway::start(|state, metrics| {
         config(
             name,
@@ -191,10 +200,12 @@ async fn refused_uplink_keeps_events(
             gw.log()
         );
     }
-    assert!(
-        sub.next(Duration::from_millis(500)).await.is_none(),
-        "nothing was delivered"
-    );
+    if let Some(sub) = sub.as_mut() {
+        assert!(
+            sub.next(Duration::from_millis(500)).await.is_none(),
+            "nothing was delivered"
+        );
+    }
     stop.cancel();
 }
 
@@ -310,4 +321,37 @@ fn plaintext_and_exposed_keys_are_refused_at_start_with_exit_78() {
         "{err}"
     );
     assert!(!err.contains("BEGIN"), "no key material in the message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_a_wrong_host_name_and_a_plaintext_broker_are_refused() {
+    let pki = Pki::generate();
+    let uplink = |port: u16| {
+        format!(
+            "[uplink]\nurl = \"mqtts://localhost:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pki.ca_cert.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        )
+    };
+    let (cert, key) = pki.issue_server_expired();
+    let expired = Broker::builder().tls(&pki).server_cert(&cert, &key).start();
+    refused(
+        "gw-exp",
+        uplink(expired.port),
+        None,
+        &["certificate expired"],
+    )
+    .await;
+    let (cert, key) = pki.issue_server(&["other.example"], None, None);
+    let misnamed = Broker::builder().tls(&pki).server_cert(&cert, &key).start();
+    refused(
+        "gw-name",
+        uplink(misnamed.port),
+        None,
+        &["certificate not valid for name"],
+    )
+    .await;
+    let plain = Broker::start_plain();
+    refused("gw-plain", uplink(plain.port), None, &["TLS"]).await;
 }

@@ -6,6 +6,7 @@ mod support;
 mod check;
 mod config;
 mod daemon;
+mod faults;
 mod fleet;
 mod operate;
 mod packaging;
