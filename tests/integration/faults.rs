@@ -195,3 +195,103 @@ async fn a_hung_pipeline_stops_the_watchdog_pings() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bounded_rate() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let start: Vec<u64> = devs
+        .iter()
+        .map(|d| d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64)
+        .collect();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
+    let mut sub = subscribe(&broker, "floorgate/test/gw-net/events").await;
+    let gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-net",
+            state,
+            metrics,
+            &format!(
+                "{}keep_alive = \"5s\"\n{}{}{}",
+                uplink_tls(&pki, proxy.port),
+                tcp_bus("lan", tcp),
+                device("b1", "lan", 1, "bag_dispenser", "30ms"),
+                device("b2", "lan", 2, "bag_dispenser", "30ms")
+            ),
+        )
+    });
+    let mut rx = Received::default();
+    assert!(
+        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+            .of("b2", "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
+    let run = Arc::new(AtomicBool::new(true));
+    let traffic = {
+        let (devs, run) = (devs.clone(), run.clone());
+        tokio::spawn(async move {
+            while run.load(Ordering::Relaxed) {
+                for d in &devs {
+                    d.bank().with(|t| {
+                        let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
+                        t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let rounds = if long() { 20 } else { 3 };
+    let before = proxy.connections();
+    for _ in 0..rounds {
+        proxy.set_delay(Duration::from_millis(150));
+        receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
+        proxy.set_delay(Duration::ZERO);
+        proxy.stall(true);
+        receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
+        proxy.stall(false);
+        proxy.cut();
+        receive_until(&mut sub, &mut rx, Duration::from_millis(300), |_| false).await;
+        proxy.restore();
+        receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
+    }
+    run.store(false, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let names = ["b1", "b2"];
+    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(30), |rx| {
+        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| {
+            rx.counter_sum(n, "bags_dispensed")
+                >= d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64 - s
+        })
+    })
+    .await;
+    assert!(
+        done,
+        "everything delivered through the faults\n{}",
+        gw.log()
+    );
+    for ((n, d), s) in names.iter().zip(&devs).zip(&start) {
+        assert_eq!(
+            rx.counter_sum(n, "bags_dispensed"),
+            d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64 - s
+        );
+    }
+    rx.assert_seq_identity();
+    rx.assert_per_device_order();
+    let reconnects = proxy.connections() - before;
+    assert!(
+        reconnects <= rounds as u64 * 4 + 2,
+        "reconnects are bounded by the back-off: {reconnects} for {rounds} resets"
+    );
+    stop.cancel();
+}

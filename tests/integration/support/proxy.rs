@@ -1,16 +1,52 @@
-//! A TCP proxy between the gateway and the broker that a test can cut and restore, to simulate
-//! network outages without restarting the broker (subscribers keep their sessions).
+//! A TCP proxy between the gateway and the broker that a test can cut, restore, slow down and
+//! stall, to simulate network faults without restarting the broker (subscribers keep their
+//! sessions).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A cuttable TCP forwarder.
+#[derive(Default)]
+struct Knobs {
+    delay_ms: AtomicU64,
+    stalled: AtomicBool,
+    connections: AtomicU64,
+}
+
+/// A cuttable, slowable TCP forwarder.
 pub struct Proxy {
     pub port: u16,
     down: Arc<watch::Sender<bool>>,
+    knobs: Arc<Knobs>,
     task: tokio::task::JoinHandle<()>,
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    knobs: Arc<Knobs>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while knobs.stalled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let d = knobs.delay_ms.load(Ordering::Relaxed);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -20,7 +56,8 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let (tx, _) = watch::channel(false);
         let down = Arc::new(tx);
-        let d = down.clone();
+        let knobs = Arc::new(Knobs::default());
+        let (d, k) = (down.clone(), knobs.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -30,22 +67,29 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                k.connections.fetch_add(1, Ordering::Relaxed);
                 let mut rx = d.subscribe();
+                let k = k.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut ri, mut wi) = inbound.into_split();
-                    let (mut ro, mut wo) = outbound.into_split();
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy(&mut ri, &mut wo) => {}
-                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        _ = pump(ri, wo, k.clone()) => {}
+                        _ = pump(ro, wi, k) => {}
                         _ = rx.wait_for(|down| *down) => {}
                     }
                 });
             }
         });
-        Proxy { port, down, task }
+        Proxy {
+            port,
+            down,
+            knobs,
+            task,
+        }
     }
 
     /// Cuts every connection and refuses new ones.
@@ -56,6 +100,23 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.down.send_replace(false);
+    }
+
+    /// Delays every chunk forwarded in either direction.
+    pub fn set_delay(&self, d: Duration) {
+        self.knobs
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Stops forwarding (connections stay open) until unstalled.
+    pub fn stall(&self, on: bool) {
+        self.knobs.stalled.store(on, Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.knobs.connections.load(Ordering::Relaxed)
     }
 }
 
