@@ -398,3 +398,77 @@ pub fn parse_overlay(text: &str, path: &std::path::Path) -> Result<Overlay, Conf
         poll_policy: c.poll_policy,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod fuzz_smoke {
+    //! The fuzz targets' properties, run briefly in every test run (cargo-fuzz runs them longer).
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const FRAGMENTS: &[&str] = &[
+        "[gateway]\n",
+        "id = \"g\"\n",
+        "[[bus]]\n",
+        "name = \"a\"\n",
+        "tcp = { address = \"h:1\" }\n",
+        "rtu = { port = \"/dev/x\", baud = 9600 }\n",
+        "[[device]]\n",
+        "bus = \"a\"\n",
+        "unit = 1\n",
+        "profile = \"p\"\n",
+        "[profiles.p]\n",
+        "[[profiles.p.points]]\n",
+        "table = \"holding\"\n",
+        "address = 65535\n",
+        "type = \"string\"\n",
+        "len = 0\n",
+        "count = 300\n",
+        "stride = 0\n",
+        "[[profiles.p.alarms]]\n",
+        "when = \"x >= \"\n",
+        "[poll]\n",
+        "p = \"0ms\"\n",
+        "[store]\n",
+        "max_bytes = \"1 GiB\"\n",
+        "[uplink]\n",
+        "url = \"mqtts://:\"\n",
+        "\"",
+        "=",
+        "[",
+        "\n",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn any_text_yields_a_config_or_located_errors(s in "\\PC{0,300}") {
+            if let Err(e) = super::parse_str(&s, Path::new("f.toml")) {
+                prop_assert!(!e.0.is_empty());
+            }
+            let _ = super::parse_overlay(&s, Path::new("f.toml"));
+        }
+
+        #[test]
+        fn config_shaped_text_never_panics(parts in proptest::collection::vec(0..FRAGMENTS.len(), 0..40)) {
+            let text: String = parts.iter().map(|i| FRAGMENTS[*i]).collect();
+            if let Err(e) = super::parse_str(&text, Path::new("f.toml")) {
+                prop_assert!(e.0.iter().all(|x| x.file == Path::new("f.toml")));
+            }
+        }
+
+        #[test]
+        fn remote_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), n in any::<i64>()) {
+            let _ = serde_json::from_slice::<crate::remote::ConfigSet>(&bytes);
+            let json = format!("{{\"id\":\"x\",\"device\":\"d\",\"point\":\"x\",\"value\":{n},\"expires\":1}}");
+            let cmd: crate::remote::Command = serde_json::from_str(&json).unwrap();
+            let cfg = super::parse_str(
+                "[gateway]\nid = \"f\"\n[profiles.p]\n[[profiles.p.points]]\nname = \"x\"\ntable = \"holding\"\naddress = 0\ntype = \"i16\"\nscale = 0.5\nwritable = true\n[[bus]]\nname = \"b\"\ntcp = { address = \"127.0.0.1:1\" }\n[[device]]\nname = \"d\"\nbus = \"b\"\nunit = 1\nprofile = \"p\"\n",
+                Path::new("f.toml"),
+            ).unwrap();
+            let r = crate::remote::check_command(&cfg, &cmd);
+            // i16 scaled by 0.5 holds -16384..=16383.5; anything else must be refused.
+            prop_assert_eq!(r.is_ok(), (-16384..=16383).contains(&n));
+        }
+    }
+}
