@@ -7,7 +7,7 @@
 //! 4. RSS and CPU of `floorgate run` polling 64 simulated devices at 1 s.
 //!
 //! Results are printed and written to `target/bench/pipeline.json`.
-//! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the
+//! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the (60 s)
 //! footprint window.
 #![allow(
     clippy::unwrap_used,
@@ -34,6 +34,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -193,7 +200,7 @@ fn proc_stat(pid: u32) -> (f64, f64) {
     (cpu_s, rss_kb / 1024.0)
 }
 
-async fn footprint(pki: &Pki, broker: &Broker, secs: u64) -> (f64, f64) {
+async fn footprint(pki: &Pki, broker: &Broker, secs: u64, backlog: bool) -> (f64, f64) {
     let stop = CancellationToken::new();
     let (tcp, _devs) = SimFloor::tcp(32, 32, stop.clone()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -201,7 +208,8 @@ async fn footprint(pki: &Pki, broker: &Broker, secs: u64) -> (f64, f64) {
         "[gateway]\nid = \"bench-fp\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"off\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n",
         dir.path().join("state").display(),
         env!("CARGO_MANIFEST_DIR"),
-        broker.port,
+        // With `backlog`, the uplink points at a closed port: everything stays buffered.
+        if backlog { free_port() } else { broker.port },
         pki.ca_cert.display(),
         pki.client_cert.display(),
         pki.client_key.display()
@@ -398,7 +406,7 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
-    let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 30);
+    let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
     println!("floorgate pipeline benchmark ({n} events backlog)");
     let tx = poll_rate().await;
     println!("  poll transactions/s over a PTY (11 registers each): {tx:.0}");
@@ -445,7 +453,9 @@ async fn main() {
     let s = Store::open(dir.path(), 4 << 20, 4 << 30).unwrap();
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(s);
-    let (cpu, rss) = footprint(&pki, &broker, fp_secs).await;
+    let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
+    let (cpu_b, rss_b) = footprint(&pki, &broker, fp_secs, true).await;
+    println!("  the same while buffering (uplink unreachable): CPU {cpu_b:.2} % of a core, RSS max {rss_b:.1} MiB");
     let bus9600 = bus_efficiency(9600).await;
     let bus19200 = bus_efficiency(19200).await;
     let (p50, p99) = latency(&pki, &broker).await;
@@ -471,6 +481,7 @@ async fn main() {
         "drain_rounds_events_per_s": drains,
         "plain_rounds_events_per_s": plains,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
+        "footprint_64_devices_buffering": { "cpu_percent": cpu_b, "rss_max_mib": rss_b, "window_s": fp_secs },
         "backlog_events": n,
         "bus_efficiency": [bus9600, bus19200],
         "latency_ms": { "p50": p50, "p99": p99 },

@@ -85,7 +85,13 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     );
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
-    for cycle in 0..6u64 {
+    // FLOORGATE_LONG_FAULTS=1: hundreds of cycles.
+    let cycles = if std::env::var_os("FLOORGATE_LONG_FAULTS").is_some() {
+        300
+    } else {
+        6
+    };
+    for cycle in 0..cycles {
         let pause = 150 + (cycle * 173) % 400;
         receive_until(&mut sub, &mut rx, Duration::from_millis(pause), |_| false).await;
         gw.kill9();
