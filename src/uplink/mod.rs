@@ -188,27 +188,9 @@ impl Uplink {
         let opts = self.options()?;
         let (client, eventloop) = AsyncClient::new(opts, 8);
         let mut events = Driver::new(eventloop);
-        let deadline = Instant::now() + within;
-        loop {
-            let ev = tokio::time::timeout_at(deadline, events.next())
-                .await
-                .map_err(|_| UplinkError::Session(format!("no CONNACK within {within:?}")))?;
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
-                    if ack.code != ConnectReturnCode::Success {
-                        return Err(UplinkError::Session(format!(
-                            "broker refused connection: {:?}",
-                            ack.code
-                        )));
-                    }
-                    let _ = client.try_disconnect();
-                    return Ok(());
-                }
-                Ok(_) => {}
-                Err(e) => return Err(UplinkError::Session(describe(&e))),
-            }
-        }
+        connack(&mut events, within).await?;
+        let _ = client.try_disconnect();
+        Ok(())
     }
 
     /// Runs sessions with jittered exponential back-off until shutdown.
@@ -260,29 +242,10 @@ impl Uplink {
         let (client, eventloop) = AsyncClient::new(opts, window + 64);
         let mut events = Driver::new(eventloop);
 
-        // Wait for CONNACK.
-        let connect_deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let ev = tokio::select! {
-                ev = events.next() => Some(ev),
-                _ = tokio::time::sleep_until(connect_deadline) => return Err(UplinkError::Session("no CONNACK within 15s".into())),
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            match ev {
-                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
-                    if ack.code != ConnectReturnCode::Success {
-                        return Err(UplinkError::Session(format!(
-                            "broker refused connection: {:?}",
-                            ack.code
-                        )));
-                    }
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(UplinkError::Session(describe(&e))),
-                None => return Err(UplinkError::Session("event loop ended".into())),
-            }
+        // Wait for CONNACK (a stop request meanwhile ends the session quietly).
+        tokio::select! {
+            r = connack(&mut events, Duration::from_secs(15)) => r?,
+            _ = shutdown.cancelled() => return Ok(()),
         }
         self.state.connected.store(true, Ordering::Relaxed);
         crate::metrics::gauge(
@@ -513,6 +476,30 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Waits for a successful CONNACK.
+async fn connack(events: &mut Driver, within: Duration) -> Result<(), UplinkError> {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+    let deadline = Instant::now() + within;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .map_err(|_| UplinkError::Session(format!("no CONNACK within {within:?}")))?;
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                return Ok(())
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                return Err(UplinkError::Session(format!(
+                    "broker refused connection: {:?}",
+                    ack.code
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(UplinkError::Session(describe(&e))),
+        }
     }
 }
 
