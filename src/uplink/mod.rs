@@ -146,8 +146,30 @@ impl Uplink {
 
     /// Checks files and builds the MQTT options (TLS, credentials, will).
     pub fn options(&self) -> Result<MqttOptions, UplinkError> {
+        let mut o = self.base_options(self.gateway.clone())?;
+        o.set_last_will(LastWill::new(
+            format!("{}/status", self.cfg.topic_prefix),
+            br#"{"state":"offline"}"#.to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        Ok(o)
+    }
+
+    /// Options of the control link: client id `ID-ctl` with a persistent session (clean start
+    /// off, one week expiry), so that the broker queues config pushes and commands while the
+    /// gateway is offline and delivers them when it is back.
+    fn control_options(&self) -> Result<MqttOptions, UplinkError> {
+        let mut o = self.base_options(format!("{}-ctl", self.gateway))?;
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(7 * 86_400));
+        Ok(o)
+    }
+
+    fn base_options(&self, client_id: String) -> Result<MqttOptions, UplinkError> {
         let c = &self.cfg;
-        let mut o = MqttOptions::new(self.gateway.clone(), c.host.clone(), c.port);
+        let mut o = MqttOptions::new(client_id, c.host.clone(), c.port);
         o.set_keep_alive(c.keep_alive);
         o.set_clean_start(true);
         o.set_max_packet_size(Some(8 << 20));
@@ -173,13 +195,6 @@ impl Uplink {
             };
             o.set_credentials(user.clone(), password);
         }
-        o.set_last_will(LastWill::new(
-            format!("{}/status", c.topic_prefix),
-            br#"{"state":"offline"}"#.to_vec(),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
         Ok(o)
     }
 
@@ -195,6 +210,25 @@ impl Uplink {
 
     /// Runs sessions with jittered exponential back-off until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let control = match (
+            self.subscriptions.is_empty(),
+            self.incoming.clone(),
+            self.control_options(),
+        ) {
+            (false, Some(to), Ok(opts)) => Some(AbortOnDrop(tokio::spawn(control_link(
+                opts,
+                self.subscriptions.clone(),
+                to,
+                self.cfg.reconnect_max,
+                shutdown.clone(),
+            )))),
+            _ => None,
+        };
+        self.sessions(shutdown).await;
+        drop(control);
+    }
+
+    async fn sessions(&mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(250);
         loop {
             let started = Instant::now();
@@ -262,12 +296,6 @@ impl Uplink {
         let events_topic = format!("{prefix}/events");
         let mut unassigned: VecDeque<Sent> = VecDeque::new();
         let mut inflight: HashMap<u16, (Sent, Instant)> = HashMap::new();
-        for t in &self.subscriptions {
-            client
-                .subscribe(t.clone(), QoS::AtLeastOnce)
-                .await
-                .map_err(|e| UplinkError::Session(e.to_string()))?;
-        }
         client
             .try_publish(
                 format!("{prefix}/status"),
@@ -413,17 +441,7 @@ impl Uplink {
                     crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => {
-                if let Some(tx) = &self.incoming {
-                    let msg = Incoming {
-                        topic: String::from_utf8_lossy(&p.topic).to_string(),
-                        payload: p.payload.to_vec(),
-                    };
-                    if tx.try_send(msg).is_err() {
-                        tracing::warn!("remote control queue full; message dropped");
-                    }
-                }
-            }
+
             Event::Incoming(Packet::Disconnect(d)) => {
                 return Err(UplinkError::Session(format!(
                     "broker disconnected: {:?}",
@@ -476,6 +494,80 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The control link: its own persistent MQTT session that subscribes to config pushes and
+/// commands and forwards them. Incoming QoS 1 messages are acknowledged on receipt: a crash right
+/// after means the message is not run (commands are at most once).
+async fn control_link(
+    opts: MqttOptions,
+    topics: Vec<String>,
+    to: mpsc::Sender<Incoming>,
+    reconnect_max: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let (client, eventloop) = AsyncClient::new(opts.clone(), 16);
+        let mut events = Driver::new(eventloop);
+        let connected = tokio::select! {
+            r = connack(&mut events, Duration::from_secs(15)) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if connected.is_ok() {
+            backoff = Duration::from_millis(250);
+            let mut ok = true;
+            for t in &topics {
+                ok &= client.subscribe(t.clone(), QoS::AtLeastOnce).await.is_ok();
+            }
+            let mut subscribed = 0;
+            while ok {
+                let ev = tokio::select! {
+                    ev = events.next() => ev,
+                    _ = shutdown.cancelled() => {
+                        let _ = client.try_disconnect();
+                        return;
+                    }
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subscribed += 1;
+                        if subscribed == topics.len() {
+                            tracing::info!(topics = topics.len(), "control link subscribed");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let msg = Incoming {
+                            topic: String::from_utf8_lossy(&p.topic).to_string(),
+                            payload: p.payload.to_vec(),
+                        };
+                        if to.try_send(msg).is_err() {
+                            tracing::warn!("remote control queue full; message dropped");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(error = %describe(&error), "control link lost");
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(reconnect_max);
     }
 }
 

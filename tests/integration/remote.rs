@@ -71,6 +71,12 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         "{}",
         gw.log()
     );
+    assert!(
+        gw.wait_log("control link subscribed", Duration::from_secs(10))
+            .await,
+        "{}",
+        gw.log()
+    );
     let base = std::fs::read_to_string(&gw.config_path).unwrap();
     let with_two = base.replace(&one, &two);
     let topic = "floorgate/test/gw-rc/config/set";
@@ -237,7 +243,7 @@ async fn commands_write_writable_points_once_and_refuse_the_rest() {
     let broker = Broker::start_tls(&pki);
     let mut results = subscribe(&broker, "floorgate/test/gw-cmd/cmd/result").await;
     let mut events = subscribe(&broker, "floorgate/test/gw-cmd/events").await;
-    let gw = Gateway::start(|state, metrics| {
+    let mut gw = Gateway::start(|state, metrics| {
         config(
             "gw-cmd",
             state,
@@ -257,6 +263,12 @@ async fn commands_write_writable_points_once_and_refuse_the_rest() {
             .of("cab", "state")
             .is_empty())
         .await,
+        "{}",
+        gw.log()
+    );
+    assert!(
+        gw.wait_log("control link subscribed", Duration::from_secs(10))
+            .await,
         "{}",
         gw.log()
     );
@@ -318,6 +330,25 @@ async fn commands_write_writable_points_once_and_refuse_the_rest() {
             .with(|t| t.holding(floorgate::sim::bag::HR_PRICE_CENTS)),
         floorgate::sim::bag::INITIAL_PRICE_CENTS,
         "rejected commands wrote nothing"
+    );
+    // A command sent while the gateway is down runs once when it is back (persistent session).
+    assert_eq!(
+        gw.terminate(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+    publish(&broker, topic, send(serde_json::json!({"id": "c8", "device": "bags", "point": "price_cents", "value": 42, "expires": later})), false).await;
+    gw.spawn();
+    assert_eq!(
+        outcome(&mut results, "c8").await["status"],
+        "done",
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        devs[0]
+            .bank()
+            .with(|t| t.holding(floorgate::sim::bag::HR_PRICE_CENTS)),
+        42
     );
     stop.cancel();
 }
@@ -388,6 +419,14 @@ async fn a_group_push_reaches_every_member_and_composes_with_their_own_config() 
         "{}",
         a.log()
     );
+    for g in [&a, &b, &c] {
+        assert!(
+            g.wait_log("control link subscribed", Duration::from_secs(10))
+                .await,
+            "{}",
+            g.log()
+        );
+    }
     // The group sets shared parts: an alarm rule in the bag dispenser profile and its poll policy.
     let shipped = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -517,11 +556,11 @@ async fn fleet_push_with_a_canary_against_real_gateways() {
     let a = start("gw-a", 1);
     let _b = start("gw-b", 2);
     assert!(
-        a.wait_log("uplink connected", Duration::from_secs(10))
+        a.wait_log("control link subscribed", Duration::from_secs(10))
             .await
     );
     assert!(
-        _b.wait_log("uplink connected", Duration::from_secs(10))
+        _b.wait_log("control link subscribed", Duration::from_secs(10))
             .await
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
