@@ -229,6 +229,32 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         vec![(5, "applied".to_string()), (10, "rolled_back".to_string())]
     );
     assert_eq!(h["current"], 5);
+    // By hand: back to the local file; the running daemon reloads at once.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["config", "rollback", "local", "--config"])
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the daemon is reloading"));
+    assert!(
+        gw.wait_log(
+            "reload requested over the control socket",
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    let hist = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["config", "history", "--json", "--config"])
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    let h: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap_or_default();
+    assert_eq!(h["current"], serde_json::Value::Null);
     stop.cancel();
 }
 
