@@ -237,20 +237,7 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
         gw.log()
     );
     let run = Arc::new(AtomicBool::new(true));
-    let traffic = {
-        let (devs, run) = (devs.clone(), run.clone());
-        tokio::spawn(async move {
-            while run.load(Ordering::Relaxed) {
-                for d in &devs {
-                    d.bank().with(|t| {
-                        let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
-                        t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let traffic = crate::resilience::traffic(devs.clone(), Duration::from_millis(20), run.clone());
     let rounds = if long() { 20 } else { 3 };
     let before = proxy.connections();
     for _ in 0..rounds {
@@ -268,24 +255,21 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
     run.store(false, Ordering::Relaxed);
     traffic.await.unwrap();
     let names = ["b1", "b2"];
-    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(30), |rx| {
-        names.iter().zip(&devs).zip(&start).all(|((n, d), s)| {
-            rx.counter_sum(n, "bags_dispensed")
-                >= d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64 - s
-        })
-    })
+    let done = crate::resilience::receive_all_increments(
+        &mut sub,
+        &mut rx,
+        &names,
+        &devs,
+        &start,
+        Duration::from_secs(30),
+    )
     .await;
     assert!(
         done,
         "everything delivered through the faults\n{}",
         gw.log()
     );
-    for ((n, d), s) in names.iter().zip(&devs).zip(&start) {
-        assert_eq!(
-            rx.counter_sum(n, "bags_dispensed"),
-            d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64 - s
-        );
-    }
+    crate::resilience::assert_counters_complete(&rx, &names, &devs, &start);
     rx.assert_seq_identity();
     rx.assert_per_device_order();
     let reconnects = proxy.connections() - before;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Increments the dispensed counter of `devs` every `every` and flips their status, until stopped.
-fn traffic(
+pub(crate) fn traffic(
     devs: Vec<Device>,
     every: Duration,
     run: Arc<AtomicBool>,
@@ -33,12 +33,17 @@ fn traffic(
     })
 }
 
-fn counter_of(d: &Device) -> u64 {
+pub(crate) fn counter_of(d: &Device) -> u64 {
     d.bank().with(|t| t.get_u32_abcd(bag::HR_BAGS_DISPENSED)) as u64
 }
 
 /// Every counter increment the devices made is in the received deltas, exactly once.
-fn assert_counters_complete(rx: &Received, names: &[&str], devs: &[Device], start: &[u64]) {
+pub(crate) fn assert_counters_complete(
+    rx: &Received,
+    names: &[&str],
+    devs: &[Device],
+    start: &[u64],
+) {
     for ((name, d), s) in names.iter().zip(devs).zip(start) {
         let want = counter_of(d) - s;
         assert_eq!(
@@ -47,6 +52,25 @@ fn assert_counters_complete(rx: &Received, names: &[&str], devs: &[Device], star
             "{name}: deltas sum to the device's increments"
         );
     }
+}
+
+/// Receives until every counter increment of `devs` since `start` arrived (or `within` passed).
+pub(crate) async fn receive_all_increments(
+    sub: &mut crate::support::broker::Subscriber,
+    rx: &mut Received,
+    names: &[&str],
+    devs: &[Device],
+    start: &[u64],
+    within: Duration,
+) -> bool {
+    receive_until(sub, rx, within, |rx| {
+        names
+            .iter()
+            .zip(devs)
+            .zip(start)
+            .all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,13 +125,14 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     run.store(false, Ordering::Relaxed);
     t.await.unwrap();
     let names = ["b1", "b2"];
-    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
-        names
-            .iter()
-            .zip(&devs)
-            .zip(&start)
-            .all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
-    })
+    let done = receive_all_increments(
+        &mut sub,
+        &mut rx,
+        &names,
+        &devs,
+        &start,
+        Duration::from_secs(20),
+    )
     .await;
     assert!(
         done,
@@ -192,13 +217,14 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     receive_until(&mut sub, &mut rx, Duration::from_secs(2), |_| false).await;
     run.store(false, Ordering::Relaxed);
     t.await.unwrap();
-    let done = receive_until(&mut sub, &mut rx, Duration::from_secs(20), |rx| {
-        names
-            .iter()
-            .zip(&devs)
-            .zip(&start)
-            .all(|((n, d), s)| rx.counter_sum(n, "bags_dispensed") >= counter_of(d) - s)
-    })
+    let done = receive_all_increments(
+        &mut sub,
+        &mut rx,
+        &names,
+        &devs,
+        &start,
+        Duration::from_secs(20),
+    )
     .await;
     assert!(done, "everything delivered after the outage\n{}", gw.log());
     assert!(rx.seqs().len() > during + 200);
