@@ -286,9 +286,9 @@ impl Store {
     /// Commits events and device snapshots atomically and durably. Returns the seqs assigned.
     /// When the store would exceed its bound, the oldest telemetry is dropped first, then the
     /// oldest other events, and a `gap` event reporting the drop is committed in the same batch.
-    pub fn commit(
+    pub fn commit<E: std::borrow::Borrow<Event>>(
         &self,
-        events: &[Event],
+        events: &[E],
         snapshots: &[(String, Vec<u8>)],
     ) -> Result<std::ops::Range<u64>, StoreError> {
         let mut meta = lock(&self.meta);
@@ -297,6 +297,7 @@ impl Store {
         let mut by_class: [(Class, Vec<Encoded>); 2] =
             [(Class::Telemetry, Vec::new()), (Class::Keep, Vec::new())];
         for e in events {
+            let e = e.borrow();
             let slot = usize::from(e.class() == Class::Keep);
             by_class[slot].1.push((seq, e.encode(seq)));
             seq += 1;

@@ -149,10 +149,7 @@ impl Writer {
 }
 
 fn commit_blocking(store: &Store, pending: &[Derived]) -> Result<(), StoreError> {
-    let events: Vec<Event> = pending
-        .iter()
-        .flat_map(|d| d.events.iter().cloned())
-        .collect();
+    let events: Vec<&Event> = pending.iter().flat_map(|d| d.events.iter()).collect();
     let mut snaps: HashMap<&str, &[u8]> = HashMap::new();
     for d in pending {
         if let Some((dev, snap)) = &d.snapshot {
