@@ -266,6 +266,19 @@ fn gateway_prefix(template: &str, site: Option<&str>, gateway: &str) -> Result<S
         .replace("{gateway}", gateway))
 }
 
+impl Target {
+    /// Records a timeout (unless an outcome is already known), with the gateway's last status.
+    fn time_out(&mut self, why: &str) {
+        if self.outcome.is_none() {
+            let presence = match self.presence.as_deref() {
+                Some(p) => format!("gateway status: {p}"),
+                None => "gateway status unknown".to_string(),
+            };
+            self.outcome = Some((Status::Timeout, Some(format!("{why} ({presence})"))));
+        }
+    }
+}
+
 /// The plan of a push: targets in order, the group topic (if any) and the canary count.
 #[derive(Debug)]
 struct Plan {
@@ -717,21 +730,12 @@ impl Session {
             }
         }
         for &i in idx {
-            let t = &mut self.plan.targets[i];
-            if t.outcome.is_none() {
-                let presence = match t.presence.as_deref() {
-                    Some(p) => format!("gateway status: {p}"),
-                    None => "gateway status unknown".to_string(),
-                };
-                t.outcome = Some((
-                    Status::Timeout,
-                    Some(format!(
-                        "no answer for version {} within {} ({presence})",
-                        self.version,
-                        humantime::format_duration(timeout)
-                    )),
-                ));
-            }
+            let why = format!(
+                "no answer for version {} within {}",
+                self.version,
+                humantime::format_duration(timeout)
+            );
+            self.plan.targets[i].time_out(&why);
         }
     }
 
@@ -765,19 +769,9 @@ async fn push_own(
 /// instead of at the deadline.
 fn not_delivered(s: &mut Session, idx: &[usize], topic: &str) {
     for &i in idx {
-        let t = &mut s.plan.targets[i];
-        if t.outcome.is_none() {
-            let presence = match t.presence.as_deref() {
-                Some(p) => format!("gateway status: {p}"),
-                None => "gateway status unknown".to_string(),
-            };
-            t.outcome = Some((
-                Status::Timeout,
-                Some(format!(
-                    "not delivered: no client is subscribed to {topic} ({presence})"
-                )),
-            ));
-        }
+        s.plan.targets[i].time_out(&format!(
+            "not delivered: no client is subscribed to {topic}"
+        ));
     }
 }
 

@@ -23,18 +23,27 @@ fn signed(key: &SigningKey, version: u64, toml: &str) -> Vec<u8> {
 
 /// Waits for the retained config/state of `version`.
 async fn state_of(sub: &mut Subscriber, version: u64, within: Duration) -> serde_json::Value {
+    first_json(sub, within, |topic, v| topic.ends_with("/config/state") && v["version"] == version)
+        .await
+        .unwrap_or_else(|| serde_json::json!({"status": "none", "error": format!("no config/state for version {version}")}))
+}
+
+/// The first JSON message on `sub` for which `pred(topic, message)` holds, within `within`.
+async fn first_json(
+    sub: &mut Subscriber,
+    within: Duration,
+    pred: impl Fn(&str, &serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            return serde_json::json!({"status": "none", "error": format!("no config/state for version {version}")});
+            return None;
         }
         if let Some((topic, payload, _)) = sub.next(left).await {
-            if topic.ends_with("/config/state") {
-                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                if v["version"] == version {
-                    return v;
-                }
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            if pred(&topic, &v) {
+                return Some(v);
             }
         }
     }
@@ -380,17 +389,9 @@ async fn commands_write_writable_points_once_and_refuse_the_rest() {
 }
 
 async fn outcome(results: &mut Subscriber, id: &str) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some((_, p, _)) = results.next(left).await else {
-            return serde_json::json!({"status": "none"});
-        };
-        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
-        if v["id"] == id {
-            return v;
-        }
-    }
+    first_json(results, Duration::from_secs(10), |_, v| v["id"] == id)
+        .await
+        .unwrap_or_else(|| serde_json::json!({"status": "none"}))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
