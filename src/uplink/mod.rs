@@ -11,8 +11,8 @@ pub mod remote;
 pub mod tls;
 
 use crate::event::payload;
-use crate::store::EventRef;
 use crate::store::Store;
+use crate::store::{Reader, Run};
 use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
@@ -90,7 +90,8 @@ pub struct Outbound {
 
 #[derive(Debug)]
 enum Sent {
-    Events(Vec<EventRef>),
+    /// Runs of stored events and how many events they hold.
+    Events(Vec<Run>, u64),
     Control,
 }
 
@@ -311,7 +312,7 @@ impl Uplink {
             Some(o) => Some(o.lock().await),
             None => None,
         };
-        let mut cursor = 0u64;
+        let mut reader = Reader::new(0);
         let mut draining: Option<Instant> = None;
         loop {
             // Keep the window full: resend from the oldest stored seq, then follow new commits.
@@ -324,12 +325,11 @@ impl Uplink {
             while refill && unassigned.len() + inflight.len() < window {
                 let busy = unassigned.len() + inflight.len();
                 let room = window - busy;
-                let batch = self.store.read_from(cursor, room * self.cfg.max_batch)?;
-                let Some(last) = batch.last().map(|s| s.seq()) else {
+                let batch = reader.read(&self.store, room * self.cfg.max_batch)?;
+                if batch.is_empty() {
                     exhausted = true;
                     break;
-                };
-                cursor = last + 1;
+                }
                 // Live traffic goes out one event per publish; a backlog in batches.
                 let per_publish = if batch.len() < 8 {
                     1
@@ -342,7 +342,8 @@ impl Uplink {
                     client
                         .try_publish(events_topic.clone(), QoS::AtLeastOnce, false, body)
                         .map_err(|e| UplinkError::Session(e.to_string()))?;
-                    unassigned.push_back(Sent::Events(g.iter().map(|s| s.at).collect()));
+                    let runs = crate::store::runs(g.iter().map(|s| &s.at));
+                    unassigned.push_back(Sent::Events(runs, g.len() as u64));
                 }
             }
             if let Some(deadline) = draining {
@@ -435,10 +436,10 @@ impl Uplink {
                 self.state
                     .last_puback_ms
                     .store(crate::event::now_ms(), Ordering::Relaxed);
-                if let Sent::Events(ev) = sent {
-                    self.store.ack(&ev)?;
+                if let Sent::Events(runs, n) = sent {
+                    self.store.ack_runs(&runs)?;
                     crate::metrics::PUBLISHES.inc();
-                    crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
+                    crate::metrics::EVENTS_ACKED.add(n);
                 }
             }
 
