@@ -31,7 +31,7 @@ impl Reader {
     /// Up to `max` further events in seq order. Events committed after an earlier call are
     /// found too (they have higher seqs than anything read before).
     pub fn read(&mut self, store: &Store, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::with_capacity(max.min(4096));
+        let mut out = Vec::new();
         // A class whose queue is empty after a read has nothing more stored right now.
         let mut dry = [false; 2];
         while out.len() < max {
