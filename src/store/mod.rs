@@ -76,25 +76,30 @@ pub struct Run {
 pub fn runs<'a>(events: impl IntoIterator<Item = &'a EventRef>) -> Vec<Run> {
     let mut out: Vec<Run> = Vec::new();
     for e in events {
-        // A publish interleaves few blocks (one per class): look at the last runs only.
-        let open = out
-            .iter_mut()
-            .rev()
-            .take(4)
-            .find(|r| r.class == e.class && r.block == e.block && r.first + r.len == e.index);
-        match open {
-            Some(r) => r.len += 1,
-            None => out.push(Run {
-                class: e.class,
-                block: e.block,
-                first: e.index,
-                len: 1,
-                block_len: e.block_len,
-                block_bytes: e.block_bytes,
-            }),
-        }
+        push_run(&mut out, e);
     }
     out
+}
+
+/// Adds `e` to `runs`, extending a run of its block when it continues one.
+pub fn push_run(runs: &mut Vec<Run>, e: &EventRef) {
+    // A publish interleaves few blocks (one per class): look at the last runs only.
+    let open = runs
+        .iter_mut()
+        .rev()
+        .take(4)
+        .find(|r| r.class == e.class && r.block == e.block && r.first + r.len == e.index);
+    match open {
+        Some(r) => r.len += 1,
+        None => runs.push(Run {
+            class: e.class,
+            block: e.block,
+            first: e.index,
+            len: 1,
+            block_len: e.block_len,
+            block_bytes: e.block_bytes,
+        }),
+    }
 }
 
 /// An event as stored: where it is and its wire JSON (shared with its block, not copied).
@@ -580,29 +585,39 @@ impl Store {
         Ok(lo)
     }
 
-    /// Appends the unacknowledged events with seq >= `from` of whole blocks of `class` to `out`
-    /// until it holds at least `min` events. Returns the seq after the last block read (where
-    /// the next call continues), or `from` when there was no block.
-    fn class_blocks<E: Extend<Stored>>(
+    /// Appends whole blocks of `class` holding events with seq >= `from` to `out`, until they
+    /// hold at least `min` unacknowledged events. Returns the seq after the last block loaded
+    /// (where the next call continues), or `from` when there was no block.
+    fn load_blocks(
         &self,
         class: Class,
         from: u64,
         min: usize,
-        out: &mut E,
+        out: &mut std::collections::VecDeque<reader::Loaded>,
     ) -> Result<u64, StoreError> {
         let meta = lock(&self.meta);
         let mut next = from;
-        let mut added = 0;
-        let mut block = Vec::new();
+        let mut added = 0usize;
         for item in self
             .tree
             .range(self.first_block(class, from)?..key(class, u64::MAX))
         {
             let (k, v) = item?;
-            next = next.max(block_header(&v).1 + 1);
-            push_events(class, &k, &v, from, &meta, usize::MAX, &mut block);
-            added += block.len();
-            out.extend(block.drain(..));
+            let (count, last) = block_header(&v);
+            next = next.max(last + 1);
+            if last < from {
+                continue;
+            }
+            let block = seq_of(&k);
+            let acked = meta.partial.get(&(class, block));
+            added += (count - acked.map_or(0, |a| a.count.min(count))) as usize;
+            out.push_back(reader::Loaded {
+                block,
+                count,
+                bytes: (k.len() + v.len()) as u32,
+                acked: acked.map(|a| a.bits.clone()),
+                value: v,
+            });
             if added >= min {
                 break;
             }

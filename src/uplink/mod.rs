@@ -274,7 +274,20 @@ impl Uplink {
         }
     }
 
+    /// One session; PUBACKed events are removed from the store by an [`Acker`] beside it, which
+    /// has finished before the next session reads the store again.
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
+        let acker = Acker::start(self.store.clone());
+        let result = self.session_with(shutdown, &acker).await;
+        let acked = acker.finish().await;
+        result.and(acked)
+    }
+
+    async fn session_with(
+        &mut self,
+        shutdown: &CancellationToken,
+        acker: &Acker,
+    ) -> Result<(), UplinkError> {
         let opts = self.options()?;
         // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
         // out the moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
@@ -353,7 +366,7 @@ impl Uplink {
                     let mut next = Some(ev);
                     while let Some(ev) = next {
                         match ev {
-                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight)?,
+                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, acker)?,
                             Err(e) => return Err(UplinkError::Session(describe(&e))),
                         }
                         next = events.try_next();
@@ -413,6 +426,7 @@ impl Uplink {
         ev: Event,
         unassigned: &mut VecDeque<Sent>,
         inflight: &mut HashMap<u16, (Sent, Instant)>,
+        acker: &Acker,
     ) -> Result<(), UplinkError> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -442,9 +456,7 @@ impl Uplink {
                     .last_puback_ms
                     .store(crate::event::now_ms(), Ordering::Relaxed);
                 if let Sent::Events(runs, n) = sent {
-                    self.store.ack_runs(&runs)?;
-                    crate::metrics::PUBLISHES.inc();
-                    crate::metrics::EVENTS_ACKED.add(n);
+                    acker.ack(runs, n)?;
                 }
             }
 
@@ -460,12 +472,133 @@ impl Uplink {
     }
 }
 
+/// Removes PUBACKed events from the store in a task of its own, so that the session goes on
+/// with the next PUBACK meanwhile; what queued up is acknowledged in one store operation.
+struct Acker {
+    tx: mpsc::UnboundedSender<(Vec<Run>, u64)>,
+    task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+}
+
+impl Acker {
+    fn start(store: Arc<Store>) -> Acker {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<Run>, u64)>();
+        let task = tokio::spawn(async move {
+            while let Some((mut runs, mut events)) = rx.recv().await {
+                let mut publishes = 1;
+                while let Ok((more, n)) = rx.try_recv() {
+                    runs.extend(more);
+                    events += n;
+                    publishes += 1;
+                }
+                store.ack_runs(&runs)?;
+                crate::metrics::PUBLISHES.add(publishes);
+                crate::metrics::EVENTS_ACKED.add(events);
+            }
+            Ok(())
+        });
+        Acker { tx, task }
+    }
+
+    /// Queues the events of a PUBACKed publish for removal.
+    fn ack(&self, runs: Vec<Run>, events: u64) -> Result<(), UplinkError> {
+        self.tx
+            .send((runs, events))
+            .map_err(|_| UplinkError::Session("acknowledging in the store failed".into()))
+    }
+
+    /// Waits until everything queued is removed.
+    async fn finish(self) -> Result<(), UplinkError> {
+        drop(self.tx);
+        match self.task.await {
+            Ok(r) => r.map_err(UplinkError::from),
+            Err(e) => Err(UplinkError::Session(format!(
+                "acknowledging task failed: {e}"
+            ))),
+        }
+    }
+}
+
 /// A publish framed ahead of time: its payload and the stored events it carries.
 #[derive(Debug)]
 struct Prepared {
     body: Vec<u8>,
     runs: Vec<Run>,
     events: u64,
+}
+
+/// A payload under construction: `{"v":1,"gateway":ID,"events":[` + events + `]}`.
+struct Frame {
+    body: Vec<u8>,
+    runs: Vec<Run>,
+    events: u64,
+}
+
+impl Frame {
+    fn new(gateway: &str) -> Frame {
+        Frame {
+            body: payload(gateway, []),
+            runs: Vec::new(),
+            events: 0,
+        }
+    }
+
+    fn push(&mut self, at: &crate::store::EventRef, json: &[u8]) {
+        self.body.truncate(self.body.len() - 2); // "]}"
+        if self.events > 0 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(json);
+        self.body.extend_from_slice(b"]}");
+        crate::store::push_run(&mut self.runs, at);
+        self.events += 1;
+    }
+
+    fn done(self) -> Prepared {
+        Prepared {
+            body: self.body,
+            runs: self.runs,
+            events: self.events,
+        }
+    }
+}
+
+/// The next publishes from `reader`: live traffic (fewer than 8 events waiting) one event per
+/// publish, a backlog in batches of `max_batch`, framed straight from the stored blocks.
+fn frame(
+    store: &Store,
+    reader: &mut Reader,
+    gateway: &str,
+    max_batch: usize,
+) -> Result<Vec<Prepared>, crate::store::StoreError> {
+    let first = reader.read(store, 8)?;
+    if first.len() < 8 {
+        return Ok(first
+            .iter()
+            .map(|s| {
+                let mut f = Frame::new(gateway);
+                f.push(&s.at, s.json());
+                f.done()
+            })
+            .collect());
+    }
+    let mut out = Vec::new();
+    let mut current = Frame::new(gateway);
+    let mut add = |at: &crate::store::EventRef, json: &[u8]| {
+        current.push(at, json);
+        if current.events as usize >= max_batch {
+            out.push(std::mem::replace(&mut current, Frame::new(gateway)).done());
+        }
+    };
+    for s in &first {
+        add(&s.at, s.json());
+    }
+    reader.read_with(store, 7 * max_batch.max(1), |at, block, (a, b)| {
+        add(&at, &block[a..b]);
+    })?;
+    if current.events > 0 {
+        out.push(current.done());
+    }
+    Ok(out)
 }
 
 /// The prefetch task of a session: reads the store from the oldest unacknowledged seq (a
@@ -487,28 +620,21 @@ impl Prefetch {
             let mut reader = Reader::new(0);
             loop {
                 flag.store(false, Ordering::SeqCst);
-                let batch = match reader.read(&store, 8 * max_batch) {
-                    Ok(b) => b,
+                let prepared = match frame(&store, &mut reader, &gateway, max_batch) {
+                    Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
-                if batch.is_empty() {
+                if prepared.is_empty() {
                     flag.store(true, Ordering::SeqCst);
                     // A commit stores a wake-up even when nobody waits yet; the timeout is a
                     // safety net only.
                     let _ = tokio::time::timeout(Duration::from_secs(1), store.committed()).await;
                     continue;
                 }
-                // Live traffic goes out one event per publish; a backlog in batches.
-                let per_publish = if batch.len() < 8 { 1 } else { max_batch };
-                for g in batch.chunks(per_publish) {
-                    let p = Prepared {
-                        body: payload(&gateway, g.iter().map(|s| s.json())),
-                        runs: crate::store::runs(g.iter().map(|s| &s.at)),
-                        events: g.len() as u64,
-                    };
+                for p in prepared {
                     if tx.send(Ok(p)).await.is_err() {
                         return;
                     }
@@ -694,5 +820,60 @@ pub fn describe(e: &ConnectionError) -> String {
         ConnectionError::Tls(t) => format!("TLS: {t}"),
         ConnectionError::Io(io) => format!("I/O: {io}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Body, Event};
+
+    fn state(i: u64) -> Event {
+        Event {
+            ts: i,
+            clock_synced: true,
+            device: Some(format!("d{}", i % 3)),
+            body: Body::State {
+                values: [(
+                    "door".to_string(),
+                    crate::device::codec::Value::Bool(i % 2 == 0),
+                )]
+                .into_iter()
+                .collect(),
+            },
+        }
+    }
+
+    /// Framed publishes carry every stored event once, in seq order, as `payload` would frame
+    /// them; live traffic goes one event per publish, a backlog in batches of `max_batch`.
+    #[test]
+    fn frames_match_payload_and_batch_by_backlog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        store.commit(&[state(1), state(2)], &[]).expect("commit");
+        let mut reader = Reader::new(0);
+        let live = frame(&store, &mut reader, "gw", 10).expect("frame");
+        assert_eq!(live.len(), 2, "live events one per publish");
+        let events: Vec<Event> = (3..=40).map(state).collect();
+        store.commit(&events, &[]).expect("commit");
+        let backlog = frame(&store, &mut reader, "gw", 10).expect("frame");
+        assert_eq!(
+            backlog.iter().map(|p| p.events).collect::<Vec<_>>(),
+            [10, 10, 10, 8]
+        );
+        let stored = store.read_from(0, usize::MAX).expect("read");
+        let mut i = 0;
+        for p in live.iter().chain(&backlog) {
+            let n = p.events as usize;
+            let expect = payload("gw", stored[i..i + n].iter().map(|s| s.json()));
+            assert_eq!(p.body, expect);
+            let runs = crate::store::runs(stored[i..i + n].iter().map(|s| &s.at));
+            assert_eq!(p.runs, runs);
+            i += n;
+        }
+        assert_eq!(i, stored.len());
+        assert!(frame(&store, &mut reader, "gw", 10)
+            .expect("frame")
+            .is_empty());
     }
 }
