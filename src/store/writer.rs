@@ -136,11 +136,12 @@ impl Writer {
             self.commit(std::mem::take(&mut pending)).await;
         }
         if let Some(u) = self.store.unwritable() {
-            let events: usize = pending.iter().map(|d| d.events.len()).sum();
+            let queued: usize = pending.iter().map(|d| d.events.len()).sum();
             tracing::error!(
                 error = %u.error,
-                events = u.held_events + events as u64,
-                "store still not writable while stopping: these events are not committed; pollers derive them again from the stored device snapshots"
+                held_events = u.held_events,
+                queued_events = queued,
+                "store not writable while the writer stops: queued events are derived again by the next pollers from the held snapshots; held events are committed later, or derived again after a restart"
             );
         }
     }

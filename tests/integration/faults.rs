@@ -589,13 +589,7 @@ impl DiskFloor {
         assert_counters_complete(&self.rx, &names, &self.devs, &self.start);
         self.rx.assert_seq_identity();
         self.rx.assert_per_device_order();
-        let seqs = self.rx.seqs();
-        let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
-        assert_eq!(
-            seqs.len() as u64,
-            hi - lo + 1,
-            "no hole in the seqs {lo}..{hi}"
-        );
+        self.rx.assert_no_seq_hole();
     }
 
     /// The status values of a device's state events, in order.

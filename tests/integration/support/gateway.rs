@@ -246,6 +246,20 @@ impl Received {
         }
     }
 
+    /// Asserts that every seq between the first and the last received arrived.
+    pub fn assert_no_seq_hole(&self) {
+        let seqs = self.seqs();
+        let (lo, hi) = (
+            *seqs.first().expect("events"),
+            *seqs.last().expect("events"),
+        );
+        assert_eq!(
+            seqs.len() as u64,
+            hi - lo + 1,
+            "no hole in the seq range {lo}..{hi}"
+        );
+    }
+
     /// Asserts that per device, first deliveries arrive in increasing seq order.
     pub fn assert_per_device_order(&self) {
         let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
