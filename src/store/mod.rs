@@ -348,7 +348,7 @@ pub const DEFAULT_MIN_FREE: u64 = 8 << 20;
 const PROBE_BYTES: usize = 1 << 20;
 
 /// Bytes available to this user on the filesystem of `dir`.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
