@@ -8,7 +8,8 @@
 //!
 //! Results are printed and written to `target/bench/pipeline.json`.
 //! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the (60 s)
-//! footprint window.
+//! footprint window. `FLOORGATE_BENCH_ONLY=bus,drain` runs only the named parts (poll, store,
+//! drain, footprint, bus, latency) and prints them without writing the JSON file.
 #![allow(
     clippy::unwrap_used,
     unreachable_pub,
@@ -403,19 +404,8 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
     (pick(0.5), pick(0.99))
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
-    let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
-    println!("floorgate pipeline benchmark ({n} events backlog)");
-    let tx = poll_rate().await;
-    println!("  poll transactions/s over a PTY (11 registers each): {tx:.0}");
-
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
-    let commit = fill(&store, n, 1000);
-    println!("  events/s committed to the store (batches of 1000, flushed): {commit:.0}");
-    // The same payloads the uplink will send, for the plain publisher.
+/// The payloads the uplink sends for the stored backlog, in batches of 100.
+fn payloads_of(store: &Store) -> Vec<Vec<u8>> {
     let mut payloads = Vec::new();
     let mut cursor = 0;
     loop {
@@ -424,6 +414,89 @@ async fn main() {
         cursor = last.seq() + 1;
         payloads.push(payload("bench-gw", b.iter().map(|s| s.json())));
     }
+    payloads
+}
+
+/// The parts `FLOORGATE_BENCH_ONLY` names, printed only (for working on one figure).
+async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
+    if want("poll") {
+        println!("  poll transactions/s over a PTY: {:.0}", poll_rate().await);
+    }
+    if want("bus") {
+        bus_efficiency(9600).await;
+        bus_efficiency(19200).await;
+    }
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    if want("store") || want("drain") {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
+        for _ in 0..3 {
+            let commit = fill(&store, n, 1000);
+            println!("  events/s committed to the store: {commit:.0}");
+            if !want("drain") {
+                continue;
+            }
+            let payloads = payloads_of(&store);
+            // CPU of this process and of mosquitto in each phase, in cores.
+            let mosq = broker.pid().unwrap_or(0);
+            let cpu = || {
+                (
+                    proc_stat(std::process::id()).0,
+                    proc_stat(mosq).0,
+                    Instant::now(),
+                )
+            };
+            let (a0, m0, t0) = cpu();
+            let plain = plain_publisher(payloads, &pki, &broker, n).await;
+            let (a1, m1, t1) = cpu();
+            let drained = drain(store.clone(), &pki, &broker, n).await;
+            let (a2, m2, t2) = cpu();
+            let (w1, w2) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+            println!(
+                "  cores used, plain: this process {:.2}, mosquitto {:.2}; drain: this process {:.2}, mosquitto {:.2}",
+                (a1 - a0) / w1, (m1 - m0) / w1, (a2 - a1) / w2, (m2 - m1) / w2
+            );
+            println!(
+                "  plain {plain:.0} events/s, drain {drained:.0} events/s ({:.2})",
+                drained / plain
+            );
+        }
+    }
+    if want("footprint") {
+        let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
+        let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
+        println!("  64 devices at 1 s: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
+    }
+    if want("latency") {
+        let (p50, p99) = latency(&pki, &broker).await;
+        println!("  latency p50 {p50:.0} ms, p99 {p99:.0} ms");
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
+    let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
+    println!("floorgate pipeline benchmark ({n} events backlog)");
+    let only = std::env::var("FLOORGATE_BENCH_ONLY").ok();
+    let want = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p == part))
+    };
+    if only.is_some() {
+        partial(&want, n).await;
+        return;
+    }
+    let tx = poll_rate().await;
+    println!("  poll transactions/s over a PTY (11 registers each): {tx:.0}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
+    let commit = fill(&store, n, 1000);
+    println!("  events/s committed to the store (batches of 1000, flushed): {commit:.0}");
+    // The same payloads the uplink will send, for the plain publisher.
+    let payloads = payloads_of(&store);
     // Start-up with the whole backlog stored: reopening reads counters, it does not scan.
     drop(store);
     let t0 = Instant::now();

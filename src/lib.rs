@@ -16,4 +16,5 @@ pub mod remote;
 pub mod sim;
 pub mod store;
 pub mod systemd;
+pub mod timer;
 pub mod uplink;

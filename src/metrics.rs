@@ -112,28 +112,61 @@ pub fn observe(name: &'static str, help: &'static str, pairs: &[(&str, &str)], s
         help,
         series: BTreeMap::new(),
     });
-    let (buckets, count, sum) = h.series.entry(labels(pairs)).or_insert(([0; 12], 0, 0.0));
-    for (i, b) in BUCKETS.iter().enumerate() {
-        if secs <= *b {
-            buckets[i] += 1;
+    let add = |(buckets, count, sum): &mut ([u64; 12], u64, f64)| {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                buckets[i] += 1;
+            }
         }
-    }
-    *count += 1;
-    *sum += secs;
+        *count += 1;
+        *sum += secs;
+    };
+    with_labels(pairs, |key| match h.series.get_mut(key) {
+        Some(series) => add(series),
+        None => add(h.series.entry(key.to_string()).or_insert(([0; 12], 0, 0.0))),
+    });
 }
 
 static LABELED: Mutex<BTreeMap<&'static str, Family>> = Mutex::new(BTreeMap::new());
 
 fn labels(pairs: &[(&str, &str)]) -> String {
     let mut s = String::new();
+    write_labels(&mut s, pairs);
+    s
+}
+
+/// `k="v",...` with `\` and `"` escaped.
+fn write_labels(s: &mut String, pairs: &[(&str, &str)]) {
     for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
-        let v = v.replace('\\', "\\\\").replace('"', "\\\"");
-        let _ = write!(s, "{k}=\"{v}\"");
+        s.push_str(k);
+        s.push_str("=\"");
+        for c in v.chars() {
+            if matches!(c, '\\' | '"') {
+                s.push('\\');
+            }
+            s.push(c);
+        }
+        s.push('"');
     }
-    s
+}
+
+/// Runs `f` with the label key of `pairs`, built in a reused buffer: updating a series that
+/// exists allocates nothing (the bus updates several per transaction).
+fn with_labels<R>(pairs: &[(&str, &str)], f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut s) => {
+            s.clear();
+            write_labels(&mut s, pairs);
+            f(&s)
+        }
+        Err(_) => f(&labels(pairs)),
+    })
 }
 
 fn update(
@@ -149,7 +182,10 @@ fn update(
         kind,
         series: BTreeMap::new(),
     });
-    f(fam.series.entry(labels(pairs)).or_insert(0.0));
+    with_labels(pairs, |key| match fam.series.get_mut(key) {
+        Some(v) => f(v),
+        None => f(fam.series.entry(key.to_string()).or_insert(0.0)),
+    });
 }
 
 /// Adds to a labelled counter.
@@ -166,7 +202,7 @@ pub fn gauge(name: &'static str, help: &'static str, pairs: &[(&str, &str)], val
 pub fn value(name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
     let map = LABELED.lock().unwrap_or_else(|p| p.into_inner());
     map.get(name)
-        .and_then(|f| f.series.get(&labels(pairs)).copied())
+        .and_then(|f| with_labels(pairs, |key| f.series.get(key).copied()))
 }
 
 /// The whole registry in Prometheus text format.
@@ -242,5 +278,30 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
             let _ = sock.write_all(head.as_bytes()).await;
             let _ = sock.write_all(body.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_series_are_escaped_and_found_again() {
+        let pairs = [("device", "cab \"7\""), ("path", "c:\\x")];
+        count("floorgate_test_total", "Test.", &pairs, 2);
+        count("floorgate_test_total", "Test.", &pairs, 3);
+        assert_eq!(value("floorgate_test_total", &pairs), Some(5.0));
+        assert_eq!(value("floorgate_test_total", &[("device", "other")]), None);
+        observe("floorgate_test_seconds", "Test.", &pairs, 0.2);
+        observe("floorgate_test_seconds", "Test.", &pairs, 0.3);
+        let text = render();
+        assert!(
+            text.contains(r#"floorgate_test_total{device="cab \"7\"",path="c:\\x"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"floorgate_test_seconds_count{device="cab \"7\"",path="c:\\x"} 2"#),
+            "{text}"
+        );
     }
 }

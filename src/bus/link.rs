@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskCx, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_modbus::client::Context;
 use tokio_modbus::prelude::*;
 use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
@@ -118,6 +118,8 @@ pub struct Link {
     /// Minimum silence between the end of one transaction and the next request.
     gap: Duration,
     ready_at: Instant,
+    /// Waits out `gap` without rounding it up to tokio's millisecond tick.
+    timer: crate::timer::PreciseTimer,
     /// Bytes discarded while resynchronising (for metrics).
     pub discarded: u64,
     /// Bytes received on a serial port (replies, garbage, discarded bytes).
@@ -209,6 +211,7 @@ impl Link {
             timeout: bus.timeout,
             gap,
             ready_at: Instant::now(),
+            timer: crate::timer::PreciseTimer::new(),
             discarded: 0,
             received: Arc::new(AtomicU64::new(0)),
         }
@@ -328,7 +331,7 @@ impl Link {
             Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'a>,
         >,
     ) -> Result<T, TxError> {
-        sleep_until(self.ready_at).await;
+        self.timer.sleep_until(self.ready_at).await;
         let to = self.timeout;
         let ctx = match self.context().await {
             Ok(c) => c,

@@ -149,6 +149,7 @@ where
     let by_unit = unit_map(devices);
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
+    let mut timer = crate::timer::PreciseTimer::new();
     loop {
         while let Some((start, len)) = scan(&mut buf) {
             let frame: Vec<u8> = buf.drain(..start + len).skip(start).collect();
@@ -158,7 +159,7 @@ where
             if !delay.is_zero() {
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(delay) => {}
+                    () = timer.sleep_until(tokio::time::Instant::now() + delay) => {}
                 }
             }
             stream.write_all(&reply).await?;

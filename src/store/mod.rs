@@ -25,8 +25,10 @@
 //! and [`Store::snapshot`] answers from the held group, which is what pollers continue from.
 //! Acknowledgements that cannot be written stay in memory and are written later.
 
+mod reader;
 mod writer;
 
+pub use reader::Reader;
 pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
@@ -87,6 +89,49 @@ pub struct EventRef {
     pub block_bytes: u32,
 }
 
+/// Consecutive events of one block (positions `first..first + len`): what one publish
+/// acknowledges, without a record per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Storage class.
+    pub class: Class,
+    /// First seq of the block (its key).
+    pub block: u64,
+    /// Position of the first event in the block.
+    pub first: u32,
+    /// Events in the run.
+    pub len: u32,
+    /// Events in the block.
+    pub block_len: u32,
+    /// Bytes of the block's key and value.
+    pub block_bytes: u32,
+}
+
+/// The runs of `events` (in any order; events of a block in increasing position stay one run).
+pub fn runs<'a>(events: impl IntoIterator<Item = &'a EventRef>) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for e in events {
+        // A publish interleaves few blocks (one per class): look at the last runs only.
+        let open = out
+            .iter_mut()
+            .rev()
+            .take(4)
+            .find(|r| r.class == e.class && r.block == e.block && r.first + r.len == e.index);
+        match open {
+            Some(r) => r.len += 1,
+            None => out.push(Run {
+                class: e.class,
+                block: e.block,
+                first: e.index,
+                len: 1,
+                block_len: e.block_len,
+                block_bytes: e.block_bytes,
+            }),
+        }
+    }
+    out
+}
+
 /// An event as stored: where it is and its wire JSON (shared with its block, not copied).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -137,16 +182,30 @@ impl Acked {
             .get(i as usize / 64)
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
-    /// Marks `i`; true when it was not marked before.
-    fn insert(&mut self, i: u32) -> bool {
-        let w = i as usize / 64;
-        if self.bits.len() <= w {
-            self.bits.resize(w + 1, 0);
+    /// Marks positions `first..first + len`; returns how many were not marked before.
+    fn insert_run(&mut self, first: u32, len: u32) -> u32 {
+        let end = first + len;
+        let words = (end as usize).div_ceil(64);
+        if self.bits.len() < words {
+            self.bits.resize(words, 0);
         }
-        let new = self.bits[w] & (1 << (i % 64)) == 0;
-        self.bits[w] |= 1 << (i % 64);
-        self.count += u32::from(new);
-        new
+        let mut newly = 0;
+        let mut i = first;
+        while i < end {
+            let w = i as usize / 64;
+            let lo = i % 64;
+            let hi = (end - (i - lo)).min(64); // exclusive, within this word
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            newly += (mask & !self.bits[w]).count_ones();
+            self.bits[w] |= mask;
+            i += hi - lo;
+        }
+        self.count += newly;
+        newly
     }
 }
 
@@ -329,6 +388,46 @@ fn block_events(v: &[u8]) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
         pos = start + len;
         Some((u64::from_be_bytes(s), start, start + len))
     })
+}
+
+/// Appends the events of block `(k, v)` of `class` with seq >= `from` that are not
+/// acknowledged yet to `out`, up to `max` in all.
+fn push_events(
+    class: Class,
+    k: &[u8],
+    v: &sled::IVec,
+    from: u64,
+    meta: &Meta,
+    max: usize,
+    out: &mut Vec<Stored>,
+) {
+    let block = seq_of(k);
+    let (count, last) = block_header(v);
+    if last < from {
+        return;
+    }
+    let acked = meta.partial.get(&(class, block));
+    for (index, (seq, start, end)) in block_events(v).enumerate() {
+        let index = index as u32;
+        if seq < from || acked.is_some_and(|a| a.contains(index)) {
+            continue;
+        }
+        if out.len() >= max {
+            break;
+        }
+        out.push(Stored {
+            at: EventRef {
+                seq,
+                class,
+                block,
+                index,
+                block_len: count,
+                block_bytes: (k.len() + v.len()) as u32,
+            },
+            block: v.clone(),
+            span: (start, end),
+        });
+    }
 }
 
 fn read_u64(tree: &sled::Tree, k: &[u8]) -> Result<u64, StoreError> {
@@ -757,52 +856,67 @@ impl Store {
         meta: &Meta,
         out: &mut Vec<Stored>,
     ) -> Result<(), StoreError> {
-        let tree = &self.sled.tree;
-        let lo = key(class, from);
-        // The block holding `from` may start before it.
-        let mut start = lo;
-        if let Some(item) = tree.range(key(class, 0)..=lo).next_back() {
-            let (k, v) = item?;
-            if block_header(&v).1 >= from {
-                start.copy_from_slice(&k);
-            }
-        }
+        let start = self.first_block(class, from)?;
         // A commit that failed may have left blocks in sled's memory: only committed seqs.
         let end = key(class, meta.next_seq);
         if start >= end {
             return Ok(());
         }
-        for item in tree.range(start..end) {
+        for item in self.sled.tree.range(start..end) {
             if out.len() >= max {
                 break;
             }
             let (k, v) = item?;
-            let block = seq_of(&k);
-            let (count, _) = block_header(&v);
-            let acked = meta.partial.get(&(class, block));
-            for (index, (seq, start, end)) in block_events(&v).enumerate() {
-                let index = index as u32;
-                if seq < from || acked.is_some_and(|a| a.contains(index)) {
-                    continue;
-                }
-                if out.len() >= max {
-                    break;
-                }
-                out.push(Stored {
-                    at: EventRef {
-                        seq,
-                        class,
-                        block,
-                        index,
-                        block_len: count,
-                        block_bytes: (k.len() + v.len()) as u32,
-                    },
-                    block: v.clone(),
-                    span: (start, end),
-                });
-            }
+            push_events(class, &k, &v, from, meta, max, out);
         }
         Ok(())
+    }
+
+    /// Key of the first block that may hold `from` (a block may start before it).
+    fn first_block(&self, class: Class, from: u64) -> Result<[u8; 9], StoreError> {
+        let lo = key(class, from);
+        if let Some(item) = self.sled.tree.range(key(class, 0)..=lo).next_back() {
+            let (k, v) = item?;
+            if block_header(&v).1 >= from {
+                let mut start = lo;
+                start.copy_from_slice(&k);
+                return Ok(start);
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Appends the unacknowledged events with seq >= `from` of whole blocks of `class` to `out`
+    /// until it holds at least `min` events. Returns the seq after the last block read (where
+    /// the next call continues), or `from` when there was no block.
+    fn class_blocks<E: Extend<Stored>>(
+        &self,
+        class: Class,
+        from: u64,
+        min: usize,
+        out: &mut E,
+    ) -> Result<u64, StoreError> {
+        let meta = lock(&self.meta);
+        let mut next = from;
+        let mut added = 0;
+        let mut block = Vec::new();
+        let start = self.first_block(class, from)?;
+        // A commit that failed may have left blocks in sled's memory: only committed seqs.
+        let end = key(class, meta.next_seq);
+        if start >= end {
+            return Ok(next);
+        }
+        for item in self.sled.tree.range(start..end) {
+            let (k, v) = item?;
+            next = next.max(block_header(&v).1 + 1);
+            push_events(class, &k, &v, from, &meta, usize::MAX, &mut block);
+            added += block.len();
+            out.extend(block.drain(..));
+            if added >= min {
+                break;
+            }
+        }
+        Ok(next)
     }
 
     /// Up to `max` unacknowledged events with seq >= `from`, in seq order.
@@ -839,18 +953,13 @@ impl Store {
     /// causes a redelivery of the same seqs. While the store does not take writes the
     /// acknowledgements stay in memory (the events are not read again) and are written later.
     pub fn ack(&self, events: &[EventRef]) -> Result<(), StoreError> {
-        let mut events = events.to_vec();
-        events.sort_unstable_by_key(|r| (prefix(r.class), r.block));
+        self.ack_runs(&runs(events))
+    }
+
+    /// [`Store::ack`] for runs of events.
+    pub fn ack_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
         let mut meta = lock(&self.meta);
-        let mut i = 0;
-        while i < events.len() {
-            let r = events[i];
-            let mut j = i;
-            while j < events.len() && events[j].block == r.block && events[j].class == r.class {
-                j += 1;
-            }
-            let group = &events[i..j];
-            i = j;
+        for r in runs {
             let id = (r.class, r.block);
             if !meta.partial.contains_key(&id)
                 && !self.sled.tree.contains_key(key(r.class, r.block))?
@@ -861,7 +970,8 @@ impl Store {
                 .partial
                 .entry(id)
                 .or_insert_with(|| Acked::new(r.block_len, r.block_bytes));
-            let newly = group.iter().filter(|e| set.insert(e.index)).count() as u64;
+            let newly = set.insert_run(r.first, r.len.min(r.block_len - r.first.min(r.block_len)));
+            let newly = u64::from(newly);
             meta.partial_events += newly;
             if r.class == Class::Telemetry {
                 meta.partial_telemetry += newly;

@@ -226,3 +226,131 @@ fn read_from_starts_inside_a_block() {
     }
     assert_eq!(n, 2500);
 }
+
+/// A commit schedule: (events of a commit, telemetry or counter for each).
+fn mixed(commits: &[Vec<bool>], s: &Store) {
+    let mut i = 0;
+    for c in commits {
+        let evs: Vec<Event> = c
+            .iter()
+            .map(|&t| {
+                i += 1;
+                if t {
+                    telemetry(i)
+                } else {
+                    counter(i)
+                }
+            })
+            .collect();
+        s.commit(&evs, &[]).expect("commit");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// The reader yields exactly the unacknowledged events in seq order, whatever the read sizes,
+    /// also when events are committed and acknowledged between reads.
+    #[test]
+    fn reader_yields_every_unacked_event_once_in_seq_order(
+        first in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 1..40), 1..12),
+        later in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 1..40), 0..6),
+        sizes in proptest::collection::vec(1usize..50, 1..20),
+        ack_every in 1usize..5,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        mixed(&first, &s);
+        // Some events acknowledged before the reader starts (partial blocks).
+        let pre: Vec<EventRef> = s.read_from(0, usize::MAX).expect("read").iter()
+            .map(|e| e.at).step_by(ack_every + 1).collect();
+        s.ack(&pre).expect("ack");
+        let expected_first: Vec<u64> = s.read_from(0, usize::MAX).expect("read").iter().map(Stored::seq).collect();
+        let mut reader = Reader::new(0);
+        let mut got = Vec::new();
+        let mut sizes = sizes.iter().cycle();
+        let mut added_later = false;
+        loop {
+            let n = *sizes.next().expect("cycle");
+            let batch = reader.read(&s, n).expect("read");
+            proptest::prop_assert!(batch.len() <= n);
+            if batch.is_empty() {
+                if added_later || later.is_empty() {
+                    break;
+                }
+                mixed(&later, &s);
+                added_later = true;
+                continue;
+            }
+            got.extend(batch.iter().map(Stored::seq));
+        }
+        proptest::prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "seq order: {:?}", got);
+        proptest::prop_assert_eq!(&got[..expected_first.len()], &expected_first[..]);
+        let all_now: Vec<u64> = s.read_from(0, usize::MAX).expect("read").iter().map(Stored::seq).collect();
+        proptest::prop_assert_eq!(got, all_now);
+    }
+
+    /// Acknowledging runs is the same as acknowledging the events one by one: the same blocks
+    /// go, the same counters remain.
+    #[test]
+    fn acking_runs_equals_acking_events(
+        commits in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 1..150), 1..6),
+        picks in proptest::collection::vec(proptest::bool::ANY, 1..400),
+    ) {
+        let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        let sa = Store::open(a.path(), 1 << 20, 1 << 30).expect("open");
+        let sb = Store::open(b.path(), 1 << 20, 1 << 30).expect("open");
+        mixed(&commits, &sa);
+        mixed(&commits, &sb);
+        let all: Vec<EventRef> = sa.read_from(0, usize::MAX).expect("read").iter().map(|e| e.at).collect();
+        let chosen: Vec<EventRef> = all.iter().zip(picks.iter().cycle()).filter(|(_, p)| **p).map(|(e, _)| *e).collect();
+        for chunk in chosen.chunks(7) {
+            sa.ack_runs(&runs(chunk)).expect("ack runs");
+            for e in chunk {
+                sb.ack_runs(&[Run { class: e.class, block: e.block, first: e.index, len: 1, block_len: e.block_len, block_bytes: e.block_bytes }]).expect("ack one");
+            }
+        }
+        // A redelivered PUBACK acknowledges nothing new.
+        sa.ack_runs(&runs(&chosen[..chosen.len() / 2])).expect("ack again");
+        proptest::prop_assert_eq!(sa.stats(), sb.stats());
+        let left = |s: &Store| s.read_from(0, usize::MAX).expect("read").iter().map(Stored::seq).collect::<Vec<_>>();
+        proptest::prop_assert_eq!(left(&sa), left(&sb));
+        let model: Vec<u64> = all.iter().filter(|e| !chosen.contains(e)).map(|e| e.seq).collect();
+        proptest::prop_assert_eq!(left(&sa), model);
+        // Acknowledging everything empties both.
+        sa.ack(&all).expect("ack all");
+        proptest::prop_assert_eq!(sa.stats().events, 0);
+        proptest::prop_assert_eq!(sa.stats().bytes, 0);
+    }
+}
+
+#[test]
+fn runs_follow_blocks_and_positions() {
+    let r = |class, block, index| EventRef {
+        seq: 0,
+        class,
+        block,
+        index,
+        block_len: 10,
+        block_bytes: 100,
+    };
+    let got = runs(&[
+        r(Class::Keep, 1, 0),
+        r(Class::Telemetry, 2, 0),
+        r(Class::Keep, 1, 1),
+        r(Class::Telemetry, 2, 1),
+        r(Class::Telemetry, 2, 3),
+    ]);
+    let spans: Vec<(Class, u64, u32, u32)> = got
+        .iter()
+        .map(|r| (r.class, r.block, r.first, r.len))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (Class::Keep, 1, 0, 2),
+            (Class::Telemetry, 2, 0, 2),
+            (Class::Telemetry, 2, 3, 1)
+        ]
+    );
+}

@@ -11,8 +11,8 @@ pub mod remote;
 pub mod tls;
 
 use crate::event::payload;
-use crate::store::EventRef;
 use crate::store::Store;
+use crate::store::{Reader, Run};
 use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
@@ -90,7 +90,8 @@ pub struct Outbound {
 
 #[derive(Debug)]
 enum Sent {
-    Events(Vec<EventRef>),
+    /// Runs of stored events and how many events they hold.
+    Events(Vec<Run>, u64),
     Control,
 }
 
@@ -175,6 +176,11 @@ impl Uplink {
         o.set_max_packet_size(Some(8 << 20));
         o.set_outgoing_inflight_upper_limit(c.max_inflight);
         o.set_connection_timeout(10);
+        // Without TCP_NODELAY a live event (one small publish) waits for the ACK of the previous
+        // segment, and the TLS handshake stalls on the delayed ACK (40 ms on Linux).
+        let mut net = o.network_options();
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
         if c.tls {
             let cfg = tls::client_config(c)?;
             o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
@@ -270,9 +276,9 @@ impl Uplink {
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
         let opts = self.options()?;
-        // Twice the broker-side window: publishes queue in rumqttc's channel, ready to go out the
-        // moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
-        let window = self.cfg.max_inflight as usize * 2;
+        // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
+        // out the moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
+        let window = self.cfg.max_inflight as usize * 4;
         let (client, eventloop) = AsyncClient::new(opts, window + 64);
         let mut events = Driver::new(eventloop);
 
@@ -311,40 +317,23 @@ impl Uplink {
             Some(o) => Some(o.lock().await),
             None => None,
         };
-        let mut cursor = 0u64;
+        // Reading the store and framing payloads happen in a task of their own, a window ahead,
+        // so that this task only hands publishes over and books PUBACKs.
+        let mut ahead = Prefetch::start(
+            self.store.clone(),
+            self.gateway.clone(),
+            self.cfg.max_batch,
+            window,
+        );
         let mut draining: Option<Instant> = None;
         loop {
-            // Keep the window full: resend from the oldest stored seq, then follow new commits.
-            // While stopping, the backlog keeps draining until the deadline.
-            let mut exhausted = false;
-            // Refill when an eighth of the window is free (or it is idle): one read then fills
-            // the whole free window, which is cheaper per event than one read per publish.
-            let busy = unassigned.len() + inflight.len();
-            let refill = busy == 0 || window.saturating_sub(busy) >= window.div_ceil(8);
-            while refill && unassigned.len() + inflight.len() < window {
-                let busy = unassigned.len() + inflight.len();
-                let room = window - busy;
-                let batch = self.store.read_from(cursor, room * self.cfg.max_batch)?;
-                let Some(last) = batch.last().map(|s| s.seq()) else {
-                    exhausted = true;
-                    break;
-                };
-                cursor = last + 1;
-                // Live traffic goes out one event per publish; a backlog in batches.
-                let per_publish = if batch.len() < 8 {
-                    1
-                } else {
-                    self.cfg.max_batch
-                };
-                let groups = batch.chunks(per_publish);
-                for g in groups {
-                    let body = payload(&self.gateway, g.iter().map(|s| s.json()));
-                    client
-                        .try_publish(events_topic.clone(), QoS::AtLeastOnce, false, body)
-                        .map_err(|e| UplinkError::Session(e.to_string()))?;
-                    unassigned.push_back(Sent::Events(g.iter().map(|s| s.at).collect()));
-                }
+            // Keep the window full: everything still stored from the oldest seq, then new
+            // commits. While stopping, the backlog keeps draining until the deadline.
+            while unassigned.len() + inflight.len() < window {
+                let Some(next) = ahead.try_next()? else { break };
+                self.publish(&client, &events_topic, next, &mut unassigned)?;
             }
+            let exhausted = ahead.caught_up();
             if let Some(deadline) = draining {
                 if exhausted && unassigned.is_empty() && inflight.is_empty() {
                     break;
@@ -370,7 +359,9 @@ impl Uplink {
                         next = events.try_next();
                     }
                 }
-                _ = self.store.committed(), if room && draining.is_none() => {}
+                next = ahead.next(), if room => {
+                    self.publish(&client, &events_topic, next?, &mut unassigned)?;
+                }
                 out = async { outbox.as_mut()?.recv().await }, if room && outbox.is_some() => {
                     if let Some(out) = out {
                         client
@@ -399,6 +390,21 @@ impl Uplink {
                 break;
             }
         }
+        Ok(())
+    }
+
+    /// Hands a prepared publish to the client and books it for the PUBACK.
+    fn publish(
+        &self,
+        client: &AsyncClient,
+        topic: &str,
+        p: Prepared,
+        unassigned: &mut VecDeque<Sent>,
+    ) -> Result<(), UplinkError> {
+        client
+            .try_publish(topic, QoS::AtLeastOnce, false, p.body)
+            .map_err(|e| UplinkError::Session(e.to_string()))?;
+        unassigned.push_back(Sent::Events(p.runs, p.events));
         Ok(())
     }
 
@@ -435,10 +441,10 @@ impl Uplink {
                 self.state
                     .last_puback_ms
                     .store(crate::event::now_ms(), Ordering::Relaxed);
-                if let Sent::Events(ev) = sent {
-                    self.store.ack(&ev)?;
+                if let Sent::Events(runs, n) = sent {
+                    self.store.ack_runs(&runs)?;
                     crate::metrics::PUBLISHES.inc();
-                    crate::metrics::EVENTS_ACKED.add(ev.len() as u64);
+                    crate::metrics::EVENTS_ACKED.add(n);
                 }
             }
 
@@ -451,6 +457,93 @@ impl Uplink {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A publish framed ahead of time: its payload and the stored events it carries.
+#[derive(Debug)]
+struct Prepared {
+    body: Vec<u8>,
+    runs: Vec<Run>,
+    events: u64,
+}
+
+/// The prefetch task of a session: reads the store from the oldest unacknowledged seq (a
+/// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
+/// payloads, at most a window ahead of the session.
+struct Prefetch {
+    rx: mpsc::Receiver<Result<Prepared, UplinkError>>,
+    /// The last read found nothing more to send.
+    idle: Arc<AtomicBool>,
+    _task: AbortOnDrop,
+}
+
+impl Prefetch {
+    fn start(store: Arc<Store>, gateway: String, max_batch: usize, window: usize) -> Prefetch {
+        let (tx, rx) = mpsc::channel(window.max(1));
+        let idle = Arc::new(AtomicBool::new(false));
+        let flag = idle.clone();
+        let task = tokio::spawn(async move {
+            let mut reader = Reader::new(0);
+            loop {
+                flag.store(false, Ordering::SeqCst);
+                let batch = match reader.read(&store, 8 * max_batch) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if batch.is_empty() {
+                    flag.store(true, Ordering::SeqCst);
+                    // A commit stores a wake-up even when nobody waits yet; the timeout is a
+                    // safety net only.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), store.committed()).await;
+                    continue;
+                }
+                // Live traffic goes out one event per publish; a backlog in batches.
+                let per_publish = if batch.len() < 8 { 1 } else { max_batch };
+                for g in batch.chunks(per_publish) {
+                    let p = Prepared {
+                        body: payload(&gateway, g.iter().map(|s| s.json())),
+                        runs: crate::store::runs(g.iter().map(|s| &s.at)),
+                        events: g.len() as u64,
+                    };
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Prefetch {
+            rx,
+            idle,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// The next prepared publish (cancel-safe).
+    async fn next(&mut self) -> Result<Prepared, UplinkError> {
+        match self.rx.recv().await {
+            Some(p) => p,
+            None => Err(UplinkError::Session("store reader stopped".into())),
+        }
+    }
+
+    /// A prepared publish if one is ready now.
+    fn try_next(&mut self) -> Result<Option<Prepared>, UplinkError> {
+        match self.rx.try_recv() {
+            Ok(p) => p.map(Some),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                Err(UplinkError::Session("store reader stopped".into()))
+            }
+        }
+    }
+
+    /// Everything stored has been handed over (nothing prepared, the reader found no more).
+    fn caught_up(&self) -> bool {
+        self.rx.is_empty() && self.idle.load(Ordering::SeqCst)
     }
 }
 

@@ -472,6 +472,11 @@ impl Broker {
         self.tls.is_some()
     }
 
+    /// Process id of the running mosquitto.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the mosquitto process is currently running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
