@@ -94,6 +94,7 @@ impl Control {
             }
         };
         let last_puback = self.uplink.last_puback_ms.load(Ordering::Relaxed);
+        let unwritable = self.store.unwritable();
         json!({
             "gateway": self.gateway,
             "version": env!("CARGO_PKG_VERSION"),
@@ -106,6 +107,11 @@ impl Control {
                 "events": st.events, "telemetry": st.telemetry, "bytes": st.bytes,
                 "oldest_seq": st.oldest_seq, "oldest_age_ms": oldest_age_ms(&self.store),
                 "next_seq": st.next_seq, "dropped": st.dropped,
+                "writable": unwritable.is_none(),
+                "error": unwritable.as_ref().map(|u| &u.error),
+                "unwritable_since_ms": unwritable.as_ref().map(|u| u.since_ms),
+                "held_events": unwritable.as_ref().map_or(0, |u| u.held_events),
+                "needs_restart": unwritable.as_ref().is_some_and(|u| u.failed),
             },
             "uplink": {
                 "configured": self.uplink_configured,

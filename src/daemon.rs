@@ -44,6 +44,7 @@ struct Pipeline {
     writer_task: tokio::task::JoinHandle<()>,
     uplink_task: Option<tokio::task::JoinHandle<()>>,
     other_tasks: JoinSet<()>,
+    store: Arc<Store>,
     /// Shared with status (issue: control socket).
     #[allow(dead_code)]
     uplink_state: Option<Arc<UplinkState>>,
@@ -190,15 +191,27 @@ impl Pipeline {
             writer_task,
             uplink_task,
             other_tasks,
+            store: shared.store.clone(),
             uplink_state,
         })
     }
 
     /// Stops in data-flow order: pollers, then the writer commits what they produced, then the
-    /// uplink drains what it can before `deadline`.
+    /// uplink drains what it can before `deadline`. A store that does not take writes holds
+    /// pollers in `send`: then the writer stops first, which releases them. The store keeps the
+    /// group it holds, and new pollers start from its snapshots, so nothing derived is lost.
     async fn stop(mut self) {
         self.pollers.cancel();
-        while self.poll_tasks.join_next().await.is_some() {}
+        loop {
+            tokio::select! {
+                done = self.poll_tasks.join_next() => if done.is_none() { break },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if self.store.unwritable().is_some() {
+                        self.writer.cancel();
+                    }
+                }
+            }
+        }
         self.writer.cancel();
         let _ = self.writer_task.await;
         self.uplink.cancel();
@@ -220,11 +233,14 @@ pub struct RunOptions {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
     let (config, _) = crate::remote::load_effective(&opts.config)?;
-    let store = Arc::new(Store::open(
-        &config.gateway.state_dir,
-        config.store.cache_bytes,
-        config.store.max_bytes,
-    )?);
+    let store = Arc::new(
+        Store::open(
+            &config.gateway.state_dir,
+            config.store.cache_bytes,
+            config.store.max_bytes,
+        )?
+        .with_min_free(config.store.min_free),
+    );
     let shared = Shared::new(store);
     run_with(
         opts.config.as_path(),
@@ -282,11 +298,32 @@ pub async fn run_with(
     let control_task = tokio::spawn(control.serve(socket.clone(), control_stop.clone()));
     crate::systemd::notify("READY=1");
     let mut watchdog = tokio::time::interval(Duration::from_secs(5));
+    let mut store_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut unwritable = false;
+    let mut failure: Option<DaemonError> = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = stop.cancelled() => break,
+            _ = store_tick.tick() => {
+                let now = shared.store.unwritable();
+                if now.is_some() != unwritable {
+                    unwritable = now.is_some();
+                    // Tell the cloud (retained health) and systemd at once, not at the next period.
+                    shared.publish("health", &health_message(&shared, &config), true);
+                    crate::systemd::notify(&systemd_status(now.as_ref()));
+                }
+                if let Some(u) = now.filter(|u| u.restart) {
+                    tracing::error!(
+                        error = %u.error,
+                        held_events = u.held_events,
+                        "state directory takes writes again, but sled takes none after its write failed: exiting to be restarted; held events are derived again from the committed snapshots"
+                    );
+                    failure = Some(crate::store::StoreError::Failed(u.error).into());
+                    break;
+                }
+            }
             _ = watchdog.tick() => {
                 if pipeline.alive() && progressing(&shared) {
                     crate::systemd::notify("WATCHDOG=1");
@@ -379,6 +416,9 @@ pub async fn run_with(
     if let Ok(Err(error)) = control_task.await {
         tracing::warn!(path = %socket.display(), %error, "control socket failed");
     }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
     shared.store.flush()?;
     tracing::info!("stopped");
     Ok(())
@@ -394,11 +434,16 @@ impl Pipeline {
 
 /// The writer looped recently and every bus task completed a poll or probe within its longest
 /// back-off (plus slack). A task stuck forever stops the watchdog pings, so systemd restarts us.
+/// While the store does not take writes, bus tasks wait for the writer on purpose (a restart
+/// would not make the disk writable); the writer still has to loop.
 fn progressing(shared: &Shared) -> bool {
     let now = crate::event::now_ms();
     let writer = crate::metrics::WRITER_BEAT_MS.load(std::sync::atomic::Ordering::Relaxed);
     if now.saturating_sub(writer) > 10_000 {
         return false;
+    }
+    if shared.store.unwritable().is_some() {
+        return true;
     }
     let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
     h.buses
@@ -797,9 +842,28 @@ fn on_command(
     });
 }
 
-/// The periodic `health` message (retained): the floor at a glance for the cloud.
+/// The `STATUS=` line for systemd (`systemctl status`).
+fn systemd_status(unwritable: Option<&crate::store::Unwritable>) -> String {
+    match unwritable {
+        Some(u) => format!(
+            "STATUS=store not writable: {}; {} events held in memory, {}",
+            u.error,
+            u.held_events,
+            if u.failed {
+                "restarting once the state directory takes writes"
+            } else {
+                "retrying"
+            }
+        ),
+        None => "STATUS=running".into(),
+    }
+}
+
+/// The periodic `health` message (retained): the floor at a glance for the cloud. Also sent at
+/// once when the store stops or starts taking writes again.
 fn health_message(shared: &Shared, config: &Config) -> serde_json::Value {
     let st = shared.store.stats();
+    let unwritable = shared.store.unwritable();
     let h = shared.health.lock().unwrap_or_else(|p| p.into_inner());
     let down: Vec<&String> = h
         .devices
@@ -814,5 +878,12 @@ fn health_message(shared: &Shared, config: &Config) -> serde_json::Value {
         "devices": { "total": h.devices.len(), "up": h.devices.len() - down.len(), "down": down },
         "backlog": { "events": st.events, "bytes": st.bytes, "oldest_seq": st.oldest_seq },
         "dropped": st.dropped,
+        "store": {
+            "writable": unwritable.is_none(),
+            "error": unwritable.as_ref().map(|u| &u.error),
+            "unwritable_since": unwritable.as_ref().map(|u| u.since_ms),
+            "held_events": unwritable.as_ref().map_or(0, |u| u.held_events),
+            "needs_restart": unwritable.as_ref().is_some_and(|u| u.failed),
+        },
     })
 }

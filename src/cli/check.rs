@@ -221,14 +221,17 @@ fn state_dir(cfg: &Config, r: &mut Report) {
         );
     }
     let _ = std::fs::remove_file(&probe);
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    use std::os::unix::ffi::OsStrExt;
-    let free = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .ok()
-        // SAFETY: statvfs(3) with a valid path and a zeroed struct to fill.
-        .filter(|c| unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .map(|_| st.f_bavail as u64 * st.f_frsize as u64);
-    match free {
+    match crate::store::free_bytes(dir).ok() {
+        Some(f) if f < cfg.store.min_free => r.add(
+            Level::Fail,
+            "state dir",
+            format!(
+                "{}: only {} MiB free, below store.min_free ({} MiB) the store writes nothing",
+                dir.display(),
+                f >> 20,
+                cfg.store.min_free >> 20
+            ),
+        ),
         Some(f) if f < cfg.store.max_bytes.min(256 << 20) => r.add(
             Level::Warn,
             "state dir",

@@ -187,7 +187,8 @@ poll = "500ms"
             config.store.cache_bytes,
             config.store.max_bytes,
         )
-        .map_err(Failure::new)?,
+        .map_err(Failure::new)?
+        .with_min_free(config.store.min_free),
     );
     let shared = Shared::new(store.clone());
     println!("floorgate demo");

@@ -83,6 +83,19 @@ pub(super) async fn run(a: Args) -> Result<(), Failure> {
         s["next_seq"],
         s["dropped"]
     );
+    if s["writable"] == false {
+        println!(
+            "        NOT WRITABLE since {}: {}; {} events held in memory, devices wait, {}",
+            ago(now, s["unwritable_since_ms"].as_u64()),
+            s["error"].as_str().unwrap_or("?"),
+            s["held_events"],
+            if s["needs_restart"] == true {
+                "restarting once the state directory takes writes"
+            } else {
+                "retrying"
+            }
+        );
+    }
     let u: &Value = &st["uplink"];
     println!(
         "uplink  {}, last PUBACK {}, draining {:.0} events/s{}",

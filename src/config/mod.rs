@@ -67,6 +67,9 @@ pub struct Store {
     pub commit_interval: Duration,
     /// sled page cache size.
     pub cache_bytes: u64,
+    /// Free space kept on the state directory's filesystem: below it the store writes nothing
+    /// and holds new events in memory (0: no check).
+    pub min_free: u64,
 }
 
 /// `[uplink]`

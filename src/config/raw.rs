@@ -29,6 +29,7 @@ pub(crate) struct RawStore {
     pub(crate) max_bytes: Option<Spanned<Size>>,
     pub(crate) commit_interval: Option<Spanned<Dur>>,
     pub(crate) cache_bytes: Option<Spanned<Size>>,
+    pub(crate) min_free: Option<Spanned<Size>>,
 }
 
 /// `[uplink]`

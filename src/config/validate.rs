@@ -111,6 +111,9 @@ pub(crate) fn validate(src: &mut Sources, raw: RawConfig) -> Option<Config> {
             max_bytes,
             commit_interval,
             cache_bytes: s.cache_bytes.map_or(4 << 20, |v| v.into_inner().0),
+            min_free: s
+                .min_free
+                .map_or(crate::store::DEFAULT_MIN_FREE, |v| v.into_inner().0),
         }
     };
 

@@ -8,6 +8,22 @@
 //! Keys: `k`+first seq (block of kept events), `t`+first seq (block of telemetry, shed first),
 //! `s`+device (snapshot), `m`+name (meta: next seq, byte and event counts), `c`+id and `v`+name
 //! (small records: command outcomes, config versions).
+//!
+//! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
+//! failed, either every later write returns the same error, also once the disk has room again,
+//! or the next flush (also the one in sled's `Drop`) waits forever. So:
+//! - Before writing, the store checks the free space of its filesystem; below `min_free` it
+//!   writes nothing (sled never sees a full disk). The group the writer wanted to commit is
+//!   *held* in memory, and committed by [`Store::recover`] once there is room again.
+//! - When sled itself fails a write (the disk filled faster than checked, read-only, I/O
+//!   errors), the store is *failed*: the group is held, sled is never written, flushed or
+//!   dropped again, and [`Unwritable::restart`] turns true once the directory takes writes
+//!   again; the daemon then exits non-zero so that systemd restarts it. A restart opens what
+//!   was committed; pollers derive what was held again from the committed snapshots.
+//!
+//! While a group is held, readers see only committed events (below the committed next seq)
+//! and [`Store::snapshot`] answers from the held group, which is what pollers continue from.
+//! Acknowledgements that cannot be written stay in memory and are written later.
 
 mod reader;
 mod writer;
@@ -17,7 +33,10 @@ pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::Write as _;
+use std::mem::ManuallyDrop;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
@@ -35,6 +54,22 @@ pub enum StoreError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Less free space than `store.min_free`: nothing is written.
+    #[error("disk full: {free_kib} KiB free in {path}, the store keeps {min_free_kib} KiB free (store.min_free)")]
+    DiskFull {
+        /// The state directory.
+        path: String,
+        /// Free KiB.
+        free_kib: u64,
+        /// `store.min_free` in KiB.
+        min_free_kib: u64,
+    },
+    /// A group is held in memory and goes first (see [`Store::recover`]).
+    #[error("store not writable ({0}); events are held in memory")]
+    Held(String),
+    /// sled failed a write (the error): no more writes until the daemon restarts.
+    #[error("{0}; sled takes writes again only after a restart")]
+    Failed(String),
 }
 
 /// Where a stored event lives: its seq, class and the block that holds it.
@@ -123,14 +158,30 @@ impl Stored {
     }
 }
 
-/// Acknowledged positions of a partly acknowledged block.
-#[derive(Debug, Default)]
+/// Acknowledged positions of a block not yet deleted (partly acknowledged, or wholly
+/// acknowledged while the disk did not take the delete).
+#[derive(Debug)]
 struct Acked {
     bits: Vec<u64>,
     count: u32,
+    /// Events in the block.
+    len: u32,
+    /// Bytes of the block's key and value.
+    bytes: u32,
 }
 
 impl Acked {
+    fn new(len: u32, bytes: u32) -> Acked {
+        Acked {
+            bits: Vec::new(),
+            count: 0,
+            len,
+            bytes,
+        }
+    }
+    fn complete(&self) -> bool {
+        self.count >= self.len
+    }
     fn contains(&self, i: u32) -> bool {
         self.bits
             .get(i as usize / 64)
@@ -183,6 +234,7 @@ pub struct Stats {
 /// Counters persisted with every commit: they describe the blocks on disk.
 #[derive(Debug, Default)]
 struct Meta {
+    /// Next seq to assign: every seq below it is committed (durable) or was dropped.
     next_seq: u64,
     bytes: u64,
     events: u64,
@@ -193,16 +245,73 @@ struct Meta {
     partial: HashMap<(Class, u64), Acked>,
     partial_events: u64,
     partial_telemetry: u64,
+    /// The group of a commit that could not be written.
+    held: Option<Held>,
+    /// sled failed a write: the error. sled is not written, flushed or dropped any more.
+    failed: Option<String>,
+    /// Failed, and the directory takes writes again: time to restart.
+    restart: bool,
+}
+
+/// A group whose commit could not be written, kept in memory.
+#[derive(Debug)]
+struct Held {
+    events: Vec<Event>,
+    snapshots: Vec<(String, Vec<u8>)>,
+    since_ms: u64,
+    error: String,
+}
+
+/// The store does not take writes: what `status`, metrics and the health message report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unwritable {
+    /// Unix ms of the first commit that could not be written.
+    pub since_ms: u64,
+    /// Why, the last time it was tried.
+    pub error: String,
+    /// Events derived and held in memory, not committed.
+    pub held_events: u64,
+    /// sled failed a write: the store takes writes again only after a restart.
+    pub failed: bool,
+    /// Failed, and the directory takes writes again: the daemon restarts now.
+    pub restart: bool,
+}
+
+/// What [`Store::recover`] committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Events of the held group, now committed.
+    pub events: u64,
+    /// How long the store did not take writes.
+    pub unwritable_ms: u64,
+}
+
+/// The open database and the one tree that holds everything.
+#[derive(Debug)]
+struct Sled {
+    db: sled::Db,
+    tree: sled::Tree,
 }
 
 /// The durable store.
 #[derive(Debug)]
 pub struct Store {
-    db: sled::Db,
-    tree: sled::Tree,
+    dir: PathBuf,
+    /// Never dropped once sled failed a write (its drop may wait forever).
+    sled: ManuallyDrop<Sled>,
     max_bytes: u64,
+    min_free: u64,
     meta: Mutex<Meta>,
     committed: Notify,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if lock(&self.meta).failed.is_none() {
+            // SAFETY: dropped once, here, and not used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.sled) }
+        }
+    }
 }
 
 const M_NEXT: &[u8] = b"mnext_seq";
@@ -213,7 +322,6 @@ const M_TELEMETRY: &[u8] = b"mtelemetry";
 const BLOCK_EVENTS: usize = 1000;
 /// Bytes per block at most (bounds the memory of one read).
 const BLOCK_BYTES: usize = 256 << 10;
-
 fn prefix(class: Class) -> u8 {
     match class {
         Class::Keep => b'k',
@@ -338,6 +446,36 @@ fn lock(m: &Mutex<Meta>) -> std::sync::MutexGuard<'_, Meta> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Free space kept on the store's filesystem unless configured (`store.min_free`).
+pub const DEFAULT_MIN_FREE: u64 = 8 << 20;
+/// Bytes written (and removed) to see whether a directory takes writes again.
+const PROBE_BYTES: usize = 1 << 20;
+
+/// Bytes available to this user on the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a zeroed plain C struct that statvfs(3) fills, and a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Writes, syncs and removes `PROBE_BYTES` in `dir`.
+fn probe(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join(".write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    written
+}
+
 /// Events dropped by one commit: (count, first seq, last seq).
 #[derive(Debug, Default)]
 struct Dropped(Option<(u64, u64, u64)>);
@@ -353,7 +491,8 @@ impl Dropped {
 
 impl Store {
     /// Opens (or creates) the store in `dir` with a small page cache. Start-up reads a few
-    /// counters only; it never scans the backlog.
+    /// counters only; it never scans the backlog. The store keeps [`DEFAULT_MIN_FREE`] free
+    /// unless told otherwise ([`Store::with_min_free`]).
     pub fn open(dir: &Path, cache_bytes: u64, max_bytes: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
             path: dir.display().to_string(),
@@ -374,12 +513,20 @@ impl Store {
             ..Meta::default()
         };
         Ok(Store {
-            db,
-            tree,
+            dir: dir.to_path_buf(),
+            sled: ManuallyDrop::new(Sled { db, tree }),
             max_bytes,
+            min_free: DEFAULT_MIN_FREE,
             meta: Mutex::new(meta),
             committed: Notify::new(),
         })
+    }
+
+    /// Free space to keep on the store's filesystem; below it nothing is written. 0 turns the
+    /// check off (then a full disk makes sled fail, which takes a restart).
+    pub fn with_min_free(mut self, bytes: u64) -> Store {
+        self.min_free = bytes;
+        self
     }
 
     /// Waits until a commit added events.
@@ -387,15 +534,153 @@ impl Store {
         self.committed.notified().await;
     }
 
+    /// Whether sled may be written now: not failed, and `min_free` is free.
+    fn writable(&self, meta: &Meta) -> Result<(), StoreError> {
+        if let Some(error) = &meta.failed {
+            return Err(StoreError::Failed(error.clone()));
+        }
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let path = || self.dir.display().to_string();
+        let free = free_bytes(&self.dir).map_err(|source| StoreError::Dir {
+            path: path(),
+            source,
+        })?;
+        if free < self.min_free {
+            return Err(StoreError::DiskFull {
+                path: path(),
+                free_kib: free >> 10,
+                min_free_kib: self.min_free >> 10,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a sled write; an error fails the store for good (see the module documentation).
+    fn write<R>(
+        &self,
+        meta: &mut Meta,
+        f: impl FnOnce(&mut Meta) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.writable(meta)?;
+        f(meta).inspect_err(|error| {
+            if matches!(error, StoreError::Sled(_)) {
+                meta.failed = Some(error.to_string());
+            }
+        })
+    }
+
     /// Commits events and device snapshots atomically and durably. Returns the seqs assigned.
     /// When the store would exceed its bound, the oldest telemetry is dropped first, then the
     /// oldest other events, and a `gap` event reporting the drop is committed in the same batch.
+    /// Refused while a group is held (see [`Store::commit_group`]).
     pub fn commit<E: std::borrow::Borrow<Event>>(
         &self,
         events: &[E],
         snapshots: &[(String, Vec<u8>)],
-    ) -> Result<std::ops::Range<u64>, StoreError> {
+    ) -> Result<Range<u64>, StoreError> {
         let mut meta = lock(&self.meta);
+        if let Some(h) = &meta.held {
+            return Err(StoreError::Held(h.error.clone()));
+        }
+        let r = self.write(&mut meta, |m| self.commit_locked(m, events, snapshots))?;
+        drop(meta);
+        self.notify(&r);
+        Ok(r)
+    }
+
+    /// The writer's commit of a group. When it cannot be written the group is held in memory:
+    /// later commits are refused, [`Store::snapshot`] answers from the held group, and
+    /// [`Store::recover`] commits it once the disk takes writes again.
+    pub fn commit_group(
+        &self,
+        events: Vec<Event>,
+        snapshots: Vec<(String, Vec<u8>)>,
+    ) -> Result<Range<u64>, StoreError> {
+        let mut meta = lock(&self.meta);
+        if let Some(h) = &meta.held {
+            return Err(StoreError::Held(h.error.clone()));
+        }
+        match self.write(&mut meta, |m| self.commit_locked(m, &events, &snapshots)) {
+            Ok(r) => {
+                drop(meta);
+                self.notify(&r);
+                Ok(r)
+            }
+            Err(error) => {
+                meta.held = Some(Held {
+                    events,
+                    snapshots,
+                    since_ms: crate::event::now_ms(),
+                    error: error.to_string(),
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// Commits the held group, if any, when the disk has room again; the group stays held
+    /// otherwise. A failed store is not written: once its directory takes writes again,
+    /// [`Unwritable::restart`] turns true and this keeps returning the error.
+    pub fn recover(&self) -> Result<Option<Recovered>, StoreError> {
+        let mut meta = lock(&self.meta);
+        let Some(mut held) = meta.held.take() else {
+            return Ok(None);
+        };
+        if meta.failed.is_some() && !meta.restart {
+            meta.restart = probe(&self.dir).is_ok();
+        }
+        match self.write(&mut meta, |m| {
+            self.commit_locked(m, &held.events, &held.snapshots)
+        }) {
+            Ok(r) => {
+                // Acknowledgements that could not be written meanwhile.
+                let _ = self.delete_acked(&mut meta);
+                drop(meta);
+                self.notify(&r);
+                Ok(Some(Recovered {
+                    events: held.events.len() as u64,
+                    unwritable_ms: crate::event::now_ms().saturating_sub(held.since_ms),
+                }))
+            }
+            Err(error) => {
+                if let Some(failed) = &meta.failed {
+                    held.error.clone_from(failed);
+                } else {
+                    held.error = error.to_string();
+                }
+                meta.held = Some(held);
+                Err(error)
+            }
+        }
+    }
+
+    /// Set while a group is held (the store does not take writes).
+    pub fn unwritable(&self) -> Option<Unwritable> {
+        let meta = lock(&self.meta);
+        meta.held.as_ref().map(|h| Unwritable {
+            since_ms: h.since_ms,
+            error: h.error.clone(),
+            held_events: h.events.len() as u64,
+            failed: meta.failed.is_some(),
+            restart: meta.restart,
+        })
+    }
+
+    fn notify(&self, committed: &Range<u64>) {
+        if !committed.is_empty() {
+            self.committed.notify_one();
+        }
+    }
+
+    /// Commits under the meta lock; `meta` changes only when the commit is durable.
+    fn commit_locked<E: std::borrow::Borrow<Event>>(
+        &self,
+        meta: &mut Meta,
+        events: &[E],
+        snapshots: &[(String, Vec<u8>)],
+    ) -> Result<Range<u64>, StoreError> {
         let first = meta.next_seq;
         let mut seq = first;
         let mut by_class: [(Class, Vec<Encoded>); 2] =
@@ -432,11 +717,13 @@ impl Store {
         let mut n_tel = meta.telemetry + by_class[0].1.len() as u64;
         let mut batch = sled::Batch::default();
         let mut dropped = Dropped::default();
+        // Partly acknowledged blocks dropped here: (id, events already acknowledged).
+        let mut forget: Vec<((Class, u64), u64)> = Vec::new();
         if bytes > self.max_bytes {
             // Shed to 90 % of the bound so that a full store does not drop on every commit.
             let target = self.max_bytes / 10 * 9;
             for class in [Class::Telemetry, Class::Keep] {
-                for item in self.tree.scan_prefix([prefix(class)]) {
+                for item in self.sled.tree.scan_prefix([prefix(class)]) {
                     if bytes <= target {
                         break;
                     }
@@ -444,15 +731,18 @@ impl Store {
                     let (count, last) = block_header(&v);
                     let first_seq = seq_of(&k);
                     bytes -= size(&k, &v);
-                    let acked = meta.partial.remove(&(class, first_seq));
-                    let already = acked.as_ref().map_or(0, |a| a.count as u64);
+                    let acked = meta
+                        .partial
+                        .get(&(class, first_seq))
+                        .map(|a| a.count as u64);
+                    if let Some(n) = acked {
+                        forget.push(((class, first_seq), n));
+                    }
                     // Events of the block still unacknowledged are the ones lost.
-                    let lost = count as u64 - already;
+                    let lost = count as u64 - acked.unwrap_or(0);
                     n_events -= count as u64;
-                    meta.partial_events -= already;
                     if class == Class::Telemetry {
                         n_tel -= count as u64;
-                        meta.partial_telemetry -= already;
                     }
                     if lost > 0 {
                         dropped.add(lost, first_seq, last);
@@ -476,7 +766,6 @@ impl Store {
             blocks.retain(|b| b.3 > 0);
         }
         if let Some((n, first_seq, last_seq)) = dropped.0 {
-            meta.dropped += n;
             let e = Event::now(
                 None,
                 Body::Gap {
@@ -491,12 +780,6 @@ impl Store {
             n_events += 1;
             blocks.push((Class::Keep, k, v, 1));
             seq += 1;
-            tracing::warn!(
-                dropped = n,
-                first_seq,
-                last_seq,
-                "store full: dropped oldest events"
-            );
         }
         for (_, k, v, _) in &blocks {
             batch.insert(&k[..], v.as_slice());
@@ -511,16 +794,28 @@ impl Store {
         batch.insert(M_BYTES, &bytes.to_be_bytes());
         batch.insert(M_EVENTS, &n_events.to_be_bytes());
         batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.sled.tree.apply_batch(batch)?;
+        self.sled.db.flush()?;
+        for ((class, block), already) in forget {
+            meta.partial.remove(&(class, block));
+            meta.partial_events -= already;
+            if class == Class::Telemetry {
+                meta.partial_telemetry -= already;
+            }
+        }
+        if let Some((n, first_seq, last_seq)) = dropped.0 {
+            meta.dropped += n;
+            tracing::warn!(
+                dropped = n,
+                first_seq,
+                last_seq,
+                "store full: dropped oldest events"
+            );
+        }
         meta.next_seq = seq;
         meta.bytes = bytes;
         meta.events = n_events;
         meta.telemetry = n_tel;
-        drop(meta);
-        if seq > first {
-            self.committed.notify_one();
-        }
         Ok(first..seq)
     }
 
@@ -542,14 +837,22 @@ impl Store {
         self.commit(&[e], &[]).map(|_| ())
     }
 
-    /// The last committed snapshot of a device.
+    /// The last snapshot of a device: from the held group while one is held (pollers continue
+    /// from it), else the last committed one.
     pub fn snapshot(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let meta = lock(&self.meta);
+        if let Some(h) = &meta.held {
+            if let Some((_, snap)) = h.snapshots.iter().rev().find(|(d, _)| d == device) {
+                return Ok(Some(snap.clone()));
+            }
+        }
         let mut k = vec![b's'];
         k.extend_from_slice(device.as_bytes());
-        Ok(self.tree.get(k)?.map(|v| v.to_vec()))
+        Ok(self.sled.tree.get(k)?.map(|v| v.to_vec()))
     }
 
-    /// Unacknowledged events of one class with seq >= `from`, in seq order, at most `max`.
+    /// Unacknowledged committed events of one class with seq >= `from`, in seq order, at most
+    /// `max`.
     fn class_from(
         &self,
         class: Class,
@@ -558,10 +861,13 @@ impl Store {
         meta: &Meta,
         out: &mut Vec<Stored>,
     ) -> Result<(), StoreError> {
-        for item in self
-            .tree
-            .range(self.first_block(class, from)?..key(class, u64::MAX))
-        {
+        let start = self.first_block(class, from)?;
+        // A commit that failed may have left blocks in sled's memory: only committed seqs.
+        let end = key(class, meta.next_seq);
+        if start >= end {
+            return Ok(());
+        }
+        for item in self.sled.tree.range(start..end) {
             if out.len() >= max {
                 break;
             }
@@ -574,7 +880,7 @@ impl Store {
     /// Key of the first block that may hold `from` (a block may start before it).
     fn first_block(&self, class: Class, from: u64) -> Result<[u8; 9], StoreError> {
         let lo = key(class, from);
-        if let Some(item) = self.tree.range(key(class, 0)..=lo).next_back() {
+        if let Some(item) = self.sled.tree.range(key(class, 0)..=lo).next_back() {
             let (k, v) = item?;
             if block_header(&v).1 >= from {
                 let mut start = lo;
@@ -598,10 +904,13 @@ impl Store {
         let meta = lock(&self.meta);
         let mut next = from;
         let mut added = 0usize;
-        for item in self
-            .tree
-            .range(self.first_block(class, from)?..key(class, u64::MAX))
-        {
+        let start = self.first_block(class, from)?;
+        // A commit that failed may have left blocks in sled's memory: only committed seqs.
+        let end = key(class, meta.next_seq);
+        if start >= end {
+            return Ok(next);
+        }
+        for item in self.sled.tree.range(start..end) {
             let (k, v) = item?;
             let (count, last) = block_header(&v);
             next = next.max(last + 1);
@@ -656,7 +965,8 @@ impl Store {
 
     /// Records PUBACKed events; a block is deleted once all its events are acknowledged.
     /// Events already dropped are skipped. Not flushed here: a crash before the next flush only
-    /// causes a redelivery of the same seqs.
+    /// causes a redelivery of the same seqs. While the store does not take writes the
+    /// acknowledgements stay in memory (the events are not read again) and are written later.
     pub fn ack(&self, events: &[EventRef]) -> Result<(), StoreError> {
         self.ack_runs(&runs(events))
     }
@@ -664,45 +974,68 @@ impl Store {
     /// [`Store::ack`] for runs of events.
     pub fn ack_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
         let mut meta = lock(&self.meta);
-        let mut batch = sled::Batch::default();
-        let mut removed: Vec<(Class, u64)> = Vec::new();
         for r in runs {
             let id = (r.class, r.block);
-            let k = key(r.class, r.block);
-            if removed.contains(&id)
-                || (!meta.partial.contains_key(&id) && !self.tree.contains_key(k)?)
+            if !meta.partial.contains_key(&id)
+                && !self.sled.tree.contains_key(key(r.class, r.block))?
             {
-                continue; // dropped (store full), purged or completed meanwhile
+                continue; // dropped (store full) or purged meanwhile
             }
-            let set = meta.partial.entry(id).or_default();
+            let set = meta
+                .partial
+                .entry(id)
+                .or_insert_with(|| Acked::new(r.block_len, r.block_bytes));
             let newly = set.insert_run(r.first, r.len.min(r.block_len - r.first.min(r.block_len)));
             let newly = u64::from(newly);
-            let complete = set.count >= r.block_len;
             meta.partial_events += newly;
             if r.class == Class::Telemetry {
                 meta.partial_telemetry += newly;
             }
-            if complete {
-                // The block exists: a drop would have removed its entry from `partial`.
-                let set = meta.partial.remove(&id).unwrap_or_default();
-                let n = u64::from(set.count);
-                meta.bytes = meta.bytes.saturating_sub(u64::from(r.block_bytes));
-                meta.events = meta.events.saturating_sub(n);
+        }
+        if let Err(error) = self.delete_acked(&mut meta) {
+            tracing::debug!(%error, "acknowledged blocks stay in memory until the store takes writes");
+        }
+        Ok(())
+    }
+
+    /// Deletes the blocks whose events are all acknowledged (not flushed).
+    fn delete_acked(&self, meta: &mut Meta) -> Result<(), StoreError> {
+        let done: Vec<(Class, u64)> = meta
+            .partial
+            .iter()
+            .filter(|(_, a)| a.complete())
+            .map(|(id, _)| *id)
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
+        let mut batch = sled::Batch::default();
+        for (class, block) in &done {
+            let a = &meta.partial[&(*class, *block)];
+            bytes = bytes.saturating_sub(a.bytes as u64);
+            n_events = n_events.saturating_sub(a.count as u64);
+            if *class == Class::Telemetry {
+                n_tel = n_tel.saturating_sub(a.count as u64);
+            }
+            batch.remove(&key(*class, *block)[..]);
+        }
+        batch.insert(M_BYTES, &bytes.to_be_bytes());
+        batch.insert(M_EVENTS, &n_events.to_be_bytes());
+        batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
+        self.write(meta, |_| Ok(self.sled.tree.apply_batch(batch)?))?;
+        for id in done {
+            if let Some(a) = meta.partial.remove(&id) {
+                let n = a.count as u64;
                 meta.partial_events -= n;
-                if r.class == Class::Telemetry {
-                    meta.telemetry = meta.telemetry.saturating_sub(n);
+                if id.0 == Class::Telemetry {
                     meta.partial_telemetry -= n;
                 }
-                batch.remove(&k[..]);
-                removed.push(id);
             }
         }
-        if !removed.is_empty() {
-            batch.insert(M_BYTES, &meta.bytes.to_be_bytes());
-            batch.insert(M_EVENTS, &meta.events.to_be_bytes());
-            batch.insert(M_TELEMETRY, &meta.telemetry.to_be_bytes());
-            self.tree.apply_batch(batch)?;
-        }
+        meta.bytes = bytes;
+        meta.events = n_events;
+        meta.telemetry = n_tel;
         Ok(())
     }
 
@@ -720,17 +1053,29 @@ impl Store {
         Ok(Some((n, first, last)))
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. Below `min_free` it writes nothing: what is
+    /// not flushed then are acknowledgements, whose loss only means a redelivery.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        let mut meta = lock(&self.meta);
+        match self.write(&mut meta, |_| {
+            self.sled.db.flush()?;
+            Ok(())
+        }) {
+            Err(StoreError::DiskFull { .. }) => Ok(()),
+            other => other,
+        }
     }
 
     /// Current counters.
     pub fn stats(&self) -> Stats {
         let meta = lock(&self.meta);
         let oldest = |class: Class| -> Option<u64> {
-            let (k, v) = self.tree.scan_prefix([prefix(class)]).next()?.ok()?;
+            let (k, v) = self
+                .sled
+                .tree
+                .range(key(class, 0)..key(class, meta.next_seq))
+                .next()?
+                .ok()?;
             let acked = meta.partial.get(&(class, seq_of(&k)));
             let first = block_events(&v)
                 .enumerate()
@@ -756,16 +1101,19 @@ impl Store {
     pub fn get_record(&self, space: u8, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut k = vec![space];
         k.extend_from_slice(name.as_bytes());
-        Ok(self.tree.get(k)?.map(|v| v.to_vec()))
+        Ok(self.sled.tree.get(k)?.map(|v| v.to_vec()))
     }
 
     /// Writes a small record durably.
     pub fn put_record(&self, space: u8, name: &str, value: &[u8]) -> Result<(), StoreError> {
         let mut k = vec![space];
         k.extend_from_slice(name.as_bytes());
-        self.tree.insert(k, value)?;
-        self.db.flush()?;
-        Ok(())
+        let mut meta = lock(&self.meta);
+        self.write(&mut meta, |_| {
+            self.sled.tree.insert(k, value)?;
+            self.sled.db.flush()?;
+            Ok(())
+        })
     }
 }
 

@@ -1,7 +1,14 @@
 //! Group commit: pollers hand in events with the snapshot they were derived from; the writer
 //! commits whatever arrived within one `commit_interval` in a single durable batch.
+//!
+//! When a group cannot be written (disk full, read-only, I/O errors) the store holds it and the
+//! writer stops taking events: the channel is bounded, so pollers wait in `send` and memory stays
+//! bounded (one group plus the channel). Counters are totals on the device, so the increments
+//! made meanwhile are in the next delta. The writer reports it (log, metrics; the daemon adds
+//! status, health and systemd) and retries with a back-off until the store commits the held
+//! group; a store that sled failed waits for the daemon's restart instead (see `store`).
 
-use super::{Store, StoreError};
+use super::Store;
 use crate::event::Event;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +16,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Derived batches the channel holds before pollers wait.
+const CHANNEL: usize = 1024;
+/// Derived batches in one group commit at most.
+const GROUP: usize = 4096;
+/// Back-off between recovery attempts: from the first to the last.
+const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(2));
+/// A failing store is reported again at this period.
+const REMIND: Duration = Duration::from_secs(60);
 
 /// Events derived from one reading, with the device snapshot they leave behind.
 #[derive(Debug)]
@@ -26,7 +42,8 @@ pub struct WriterHandle {
 }
 
 impl WriterHandle {
-    /// Hands derived events to the writer; waits when the writer is behind (backpressure).
+    /// Hands derived events to the writer; waits when the writer is behind or the store does
+    /// not take writes (backpressure).
     pub async fn send(&self, d: Derived) -> bool {
         self.tx.send(d).await.is_ok()
     }
@@ -38,20 +55,22 @@ pub struct Writer {
     store: Arc<Store>,
     rx: mpsc::Receiver<Derived>,
     interval: Duration,
-    /// Set while the last commit failed (e.g. disk full); read by status and metrics.
-    pub failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn beat() {
+    crate::metrics::WRITER_BEAT_MS
+        .store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Writer {
     /// A writer and the handle pollers use.
     pub fn new(store: Arc<Store>, interval: Duration) -> (Writer, WriterHandle) {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(CHANNEL);
         (
             Writer {
                 store,
                 rx,
                 interval,
-                failing: Arc::default(),
             },
             WriterHandle { tx },
         )
@@ -63,8 +82,14 @@ impl Writer {
         // Gauges also move when the uplink drains without new commits.
         let mut gauges = tokio::time::interval(Duration::from_millis(500));
         loop {
-            crate::metrics::WRITER_BEAT_MS
-                .store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            beat();
+            if self.store.unwritable().is_some() {
+                // A held group (also one left by the previous pipeline) goes first.
+                if !self.recover(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
             while pending.is_empty() {
                 tokio::select! {
                     biased;
@@ -75,7 +100,7 @@ impl Writer {
                     _ = shutdown.cancelled() => break,
                     _ = gauges.tick() => {
                         publish_gauges(&self.store);
-                        crate::metrics::WRITER_BEAT_MS.store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                        beat();
                     }
                 }
             }
@@ -92,11 +117,11 @@ impl Writer {
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = shutdown.cancelled() => break,
                 }
-                if pending.len() >= 4096 {
+                if pending.len() >= GROUP {
                     break;
                 }
             }
-            pending = self.commit(pending).await;
+            self.commit(std::mem::take(&mut pending)).await;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -104,69 +129,153 @@ impl Writer {
         while let Ok(d) = self.rx.try_recv() {
             pending.push(d);
         }
-        let left = self.commit(pending).await;
-        if !left.is_empty() {
-            tracing::error!(batches = left.len(), "could not commit events at shutdown");
+        if self.store.unwritable().is_some() {
+            self.attempt().await;
+        }
+        if self.store.unwritable().is_none() {
+            self.commit(std::mem::take(&mut pending)).await;
+        }
+        if let Some(u) = self.store.unwritable() {
+            let queued: usize = pending.iter().map(|d| d.events.len()).sum();
+            tracing::error!(
+                error = %u.error,
+                held_events = u.held_events,
+                queued_events = queued,
+                "store not writable while the writer stops: queued events are derived again by the next pollers from the held snapshots; held events are committed later, or derived again after a restart"
+            );
         }
     }
 
-    /// Commits `pending`; on failure returns it to be retried (nothing is thrown away).
-    async fn commit(&self, pending: Vec<Derived>) -> Vec<Derived> {
+    /// Commits a group; on failure the store holds it and the failure is reported.
+    async fn commit(&self, pending: Vec<Derived>) {
         if pending.is_empty() {
-            return pending;
+            return;
         }
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let r = commit_blocking(&store, &pending);
-            (pending, r)
+            let (events, snapshots) = group(pending);
+            store.commit_group(events, snapshots)
         })
         .await;
         match result {
-            Ok((_, Ok(()))) => {
-                self.failing
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            Ok(Ok(_)) => {
                 crate::metrics::STORE_COMMITS.inc();
                 publish_gauges(&self.store);
-                Vec::new()
             }
-            Ok((pending, Err(error))) => {
-                if !self
-                    .failing
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
-                    tracing::error!(%error, "cannot commit to the store; keeping events in memory and retrying");
-                }
+            Ok(Err(error)) => {
                 crate::metrics::STORE_ERRORS.inc();
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                pending
+                publish_gauges(&self.store);
+                let u = self.store.unwritable();
+                let held_events = u.as_ref().map_or(0, |u| u.held_events);
+                if u.is_some_and(|u| u.failed) {
+                    tracing::error!(
+                        %error,
+                        held_events,
+                        "store write failed: holding the events in memory, devices wait; floorgate restarts once the state directory takes writes again"
+                    );
+                } else {
+                    tracing::error!(
+                        %error,
+                        held_events,
+                        "store not writable: holding the events in memory, devices wait; retrying"
+                    );
+                }
             }
             Err(join) => {
                 tracing::error!(error = %join, "store commit task failed");
-                Vec::new()
+            }
+        }
+    }
+
+    /// One attempt to commit the held group; true when the store takes writes again.
+    async fn attempt(&self) -> bool {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.recover()).await {
+            Ok(Ok(Some(r))) => {
+                crate::metrics::STORE_COMMITS.inc();
+                publish_gauges(&self.store);
+                tracing::warn!(
+                    events = r.events,
+                    unwritable_s = r.unwritable_ms / 1000,
+                    "store writable again: {} held events committed",
+                    r.events
+                );
+                true
+            }
+            Ok(Ok(None)) => true,
+            Ok(Err(error)) => {
+                crate::metrics::STORE_ERRORS.inc();
+                tracing::debug!(%error, "store still not writable");
+                false
+            }
+            Err(join) => {
+                tracing::error!(error = %join, "store recovery task failed");
+                false
+            }
+        }
+    }
+
+    /// Retries the held group with a back-off until it is committed (true) or `shutdown`.
+    /// Takes no events meanwhile: pollers wait on the bounded channel.
+    async fn recover(&self, shutdown: &CancellationToken) -> bool {
+        let mut wait = RETRY.0;
+        let mut reminded = Instant::now();
+        loop {
+            publish_gauges(&self.store);
+            beat();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            beat();
+            if self.attempt().await {
+                return true;
+            }
+            wait = (wait * 2).min(RETRY.1);
+            if reminded.elapsed() >= REMIND {
+                reminded = Instant::now();
+                if let Some(u) = self.store.unwritable() {
+                    tracing::error!(
+                        error = %u.error,
+                        held_events = u.held_events,
+                        unwritable_s = crate::event::now_ms().saturating_sub(u.since_ms) / 1000,
+                        "store still not writable; devices wait"
+                    );
+                }
             }
         }
     }
 }
 
-fn commit_blocking(store: &Store, pending: &[Derived]) -> Result<(), StoreError> {
-    let events: Vec<&Event> = pending.iter().flat_map(|d| d.events.iter()).collect();
-    let mut snaps: HashMap<&str, &[u8]> = HashMap::new();
+/// The events of a group in order, and the last snapshot of each device.
+fn group(pending: Vec<Derived>) -> (Vec<Event>, Vec<(String, Vec<u8>)>) {
+    let mut events = Vec::with_capacity(pending.iter().map(|d| d.events.len()).sum());
+    let mut snaps: HashMap<String, Vec<u8>> = HashMap::new();
     for d in pending {
-        if let Some((dev, snap)) = &d.snapshot {
+        events.extend(d.events);
+        if let Some((dev, snap)) = d.snapshot {
             snaps.insert(dev, snap);
         }
     }
-    let snaps: Vec<(String, Vec<u8>)> = snaps
-        .into_iter()
-        .map(|(d, s)| (d.to_string(), s.to_vec()))
-        .collect();
-    store.commit(&events, &snaps)?;
-    Ok(())
+    (events, snaps.into_iter().collect())
 }
 
-/// Updates the store gauges (depth, bytes, drops).
+/// Updates the store gauges (depth, bytes, drops, writability).
 pub(crate) fn publish_gauges(store: &Store) {
     let st = store.stats();
+    let unwritable = store.unwritable();
+    crate::metrics::gauge(
+        "floorgate_store_failing",
+        "1 while the store does not take writes (disk full, read-only, I/O errors).",
+        &[],
+        if unwritable.is_some() { 1.0 } else { 0.0 },
+    );
+    crate::metrics::gauge(
+        "floorgate_store_held_events",
+        "Events held in memory because the store does not take writes.",
+        &[],
+        unwritable.map_or(0.0, |u| u.held_events as f64),
+    );
     crate::metrics::gauge(
         "floorgate_store_events",
         "Events held in the store.",

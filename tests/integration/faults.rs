@@ -1,11 +1,13 @@
-//! Fault injection: a full store, a misbehaving network, a hung pipeline. Short variants run in
+//! Fault injection: a full store, a full disk, a misbehaving network, a hung pipeline. Short variants run in
 //! CI; `FLOORGATE_LONG_FAULTS=1` makes them longer.
 
 use crate::pipeline::{device, receive_until, still_floor, tcp_bus};
 use crate::support::broker::{subscribe, Broker, Pki};
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
 use crate::support::proxy::Proxy;
+use crate::support::tmpfs::Tmpfs;
 use floorgate::sim::bag;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -199,7 +201,6 @@ async fn a_hung_pipeline_stops_the_watchdog_pings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bounded_rate() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let stop = CancellationToken::new();
     let (tcp, devs) = still_floor(2, 0)
         .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
@@ -278,4 +279,394 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
         "reconnects are bounded by the back-off: {reconnects} for {rounds} resets"
     );
     stop.cancel();
+}
+
+/// A small tmpfs to fill, or None (and a note) on a machine where mounting is not permitted.
+fn small_disk() -> Option<Tmpfs> {
+    match Tmpfs::mount(32) {
+        Ok(disk) => Some(disk),
+        Err(error) => {
+            eprintln!("skipped: needs CAP_SYS_ADMIN to mount tmpfs ({error})");
+            None
+        }
+    }
+}
+
+/// One counter increment of device `d`, with the snapshot it leaves (the total), padded with
+/// `pad` bytes in the point name to make big groups.
+fn reading(total: u64, pad: usize) -> floorgate::store::Derived {
+    use floorgate::event::{Body, Event};
+    floorgate::store::Derived {
+        events: vec![Event::now(
+            Some("d"),
+            Body::Counter {
+                point: format!("c{}", "x".repeat(pad)),
+                delta: 1,
+                total,
+                reset: false,
+            },
+        )],
+        snapshot: Some(("d".into(), total.to_be_bytes().to_vec())),
+    }
+}
+
+/// Seq i carries increment i, for 1..=n: nothing lost, nothing twice, no seq reused.
+fn assert_increments(store: &floorgate::store::Store, n: u64) {
+    let seen: Vec<(u64, u64)> = store
+        .read_from(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
+            (e.seq(), v["total"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(seen, (1..=n).map(|i| (i, i)).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_disk_makes_pollers_wait_and_room_again_commits_every_held_event_once() {
+    use floorgate::store::{Store, Writer};
+    let Some(disk) = small_disk() else { return };
+    let store = Arc::new(Store::open(disk.path(), 1 << 20, 1 << 30).unwrap());
+    let (writer, handle) = Writer::new(store.clone(), Duration::from_millis(5));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(writer.run(stop.clone()));
+    let mut total = 0;
+    while total < 100 {
+        total += 1;
+        assert!(handle.send(reading(total, 0)).await);
+    }
+    let committed = || store.stats().next_seq - 1;
+    assert!(crate::support::wait_until(Duration::from_secs(5), || committed() == 100).await);
+    // Less room than store.min_free (8 MiB by default): the store writes nothing.
+    disk.fill(2 << 20);
+    // The writer takes no more readings once a group is held: a poller's send waits.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), handle.send(reading(total + 1, 0))).await
+        {
+            Ok(sent) => {
+                assert!(sent, "the writer runs on");
+                total += 1;
+            }
+            Err(_) => break, // waiting: not sent (a cancelled send sends nothing)
+        }
+        assert!(total < 100_000, "a full disk makes pollers wait");
+    }
+    let unwritable = store.unwritable().expect("the store says so");
+    assert!(
+        unwritable.error.contains("disk full") && !unwritable.failed,
+        "{unwritable:?}"
+    );
+    assert!(
+        unwritable.held_events > 0 && total - committed() <= 1024 + 4096,
+        "memory is bounded by the channel and one held group: {} not committed",
+        total - committed()
+    );
+    assert_eq!(committed(), 100, "nothing was written");
+    disk.drain();
+    assert!(
+        crate::support::wait_until(Duration::from_secs(10), || store.unwritable().is_none()
+            && committed() == total)
+        .await,
+        "once there is room, every reading is committed: {:?}, {} of {total}",
+        store.unwritable(),
+        committed()
+    );
+    assert_increments(&store, total);
+    assert_eq!(
+        store.snapshot("d").unwrap(),
+        Some(total.to_be_bytes().to_vec())
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// Runs `f` on a thread; None when it did not return within 5 s.
+fn returns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
+#[test]
+fn after_sled_fails_a_write_the_store_writes_nothing_never_hangs_and_a_restart_finds_every_commit()
+{
+    use floorgate::store::Store;
+    // Small groups make sled keep its first error; a group bigger than its buffers leaves it
+    // waiting forever on the next flush (also in its Drop). Both must be survived.
+    for pad in [0, 400_000] {
+        let Some(disk) = small_disk() else { return };
+        let store = Store::open(disk.path(), 1 << 20, 1 << 30)
+            .unwrap()
+            .with_min_free(0);
+        for total in 1..=100 {
+            let d = reading(total, 0);
+            store
+                .commit_group(d.events, vec![d.snapshot.unwrap()])
+                .unwrap();
+        }
+        disk.fill(0);
+        let mut total = 100;
+        let error = loop {
+            let d = reading(total + 1, pad);
+            match store.commit_group(d.events, vec![d.snapshot.unwrap()]) {
+                Ok(_) => total += 1,
+                Err(e) => break e,
+            }
+            assert!(total < 10_000, "a full disk fails a write");
+        };
+        assert!(error.to_string().contains("No space left"), "{error}");
+        let u = store.unwritable().unwrap();
+        assert!(u.failed && !u.restart && u.held_events == 1, "{u:?}");
+        assert_eq!(
+            store.snapshot("d").unwrap(),
+            Some((total + 1).to_be_bytes().to_vec()),
+            "pollers continue from the held group"
+        );
+        assert!(store.recover().is_err());
+        assert!(
+            !store.unwritable().unwrap().restart,
+            "the disk is still full"
+        );
+        disk.drain();
+        let store = Arc::new(store);
+        let s = store.clone();
+        let (recover, record, flush) = returns(move || {
+            (
+                s.recover().is_err(),
+                s.put_record(b'c', "x", b"y").is_err(),
+                s.flush().is_err(),
+            )
+        })
+        .expect("no write waits on sled");
+        assert!(recover && record && flush, "a failed store takes no writes");
+        assert!(store.unwritable().unwrap().restart, "time to restart");
+        assert_increments(&store, total);
+        returns(move || drop(store)).expect("dropping a failed store returns");
+        // What a restart finds: this process still holds sled's lock, so open a copy.
+        let copy = tempfile::tempdir().unwrap();
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(disk.path().join("store"))
+            .arg(copy.path())
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        let restarted = Store::open(copy.path(), 1 << 20, 1 << 30).unwrap();
+        assert_eq!(restarted.stats().next_seq, total + 1, "no seq is reused");
+        assert_increments(&restarted, total);
+        assert_eq!(
+            restarted.snapshot("d").unwrap(),
+            Some(total.to_be_bytes().to_vec()),
+            "pollers derive the held increment again from the committed snapshot"
+        );
+    }
+}
+
+/// The full-disk floor: two bag dispensers counting and changing status every 200 ms (slower
+/// than their polls, so the gateway sees every change), a broker, and a gateway whose state
+/// directory is `disk`.
+struct DiskFloor {
+    stop: CancellationToken,
+    devs: Vec<floorgate::sim::Device>,
+    start: Vec<u64>,
+    _pki: Pki,
+    _broker: Broker,
+    sub: crate::support::broker::Subscriber,
+    rx: Received,
+    gw: Gateway,
+    run: Arc<std::sync::atomic::AtomicBool>,
+    traffic: tokio::task::JoinHandle<()>,
+}
+
+impl DiskFloor {
+    async fn start(disk: &Tmpfs, store: &str) -> DiskFloor {
+        use crate::resilience::{counter_of, traffic};
+        let stop = CancellationToken::new();
+        let (tcp, devs) = still_floor(2, 0)
+            .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+            .await
+            .unwrap();
+        for d in &devs {
+            d.bank().with(|t| t.set_u16(bag::HR_STATUS, 0));
+        }
+        let start: Vec<u64> = devs.iter().map(counter_of).collect();
+        let pki = Pki::generate();
+        let broker = Broker::start_tls(&pki);
+        let gw = Gateway::start(|_, metrics| {
+            config(
+                "gw-disk",
+                disk.path(),
+                metrics,
+                &format!(
+                    "{}{}{}{}",
+                    uplink_tls(&pki, broker.port),
+                    tcp_bus("lan", tcp),
+                    device("b1", "lan", 1, "bag_dispenser", "30ms"),
+                    device("b2", "lan", 2, "bag_dispenser", "30ms")
+                ),
+            )
+            .replace(
+                "commit_interval = \"20ms\"",
+                &format!("commit_interval = \"20ms\"\n{store}"),
+            )
+        });
+        let mut sub = subscribe(&broker, "floorgate/test/gw-disk/events").await;
+        let mut rx = Received::default();
+        assert!(
+            receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
+                .of("b2", "state")
+                .is_empty())
+            .await,
+            "{}",
+            gw.log()
+        );
+        let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let traffic = traffic(devs.clone(), Duration::from_millis(200), run.clone());
+        let mut f = DiskFloor {
+            stop,
+            devs,
+            start,
+            _pki: pki,
+            _broker: broker,
+            sub,
+            rx,
+            gw,
+            run,
+            traffic,
+        };
+        f.receive(Duration::from_secs(1), |_| false).await;
+        f
+    }
+
+    async fn receive(&mut self, within: Duration, done: impl FnMut(&Received) -> bool) -> bool {
+        receive_until(&mut self.sub, &mut self.rx, within, done).await
+    }
+
+    /// The floor says that the store does not take writes: metrics, log, `floorgate status`.
+    async fn assert_unwritable(&self, log: &str, status: &str) {
+        let gw = &self.gw;
+        let failing = gw
+            .wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
+                v == 1.0
+            })
+            .await;
+        assert!(failing.is_some(), "the metrics say so\n{}", gw.log());
+        assert!(gw
+            .wait_metric("floorgate_store_held_events", Duration::from_secs(5), |v| v
+                > 0.0)
+            .await
+            .is_some());
+        assert!(gw.log().contains(log), "{}", gw.log());
+        let out = crate::operate::floorgate(gw, &["status"]);
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.contains("NOT WRITABLE") && out.contains(status),
+            "{out}"
+        );
+    }
+
+    /// Stops the traffic; every increment arrives once, in order per device, no seq reused or
+    /// missing.
+    async fn assert_everything_arrives(&mut self) {
+        use crate::resilience::{assert_counters_complete, receive_all_increments};
+        self.run.store(false, std::sync::atomic::Ordering::Relaxed);
+        (&mut self.traffic).await.unwrap();
+        let names = ["b1", "b2"];
+        let done = receive_all_increments(
+            &mut self.sub,
+            &mut self.rx,
+            &names,
+            &self.devs,
+            &self.start,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(done, "every increment arrives\n{}", self.gw.log());
+        assert_counters_complete(&self.rx, &names, &self.devs, &self.start);
+        self.rx.assert_seq_identity();
+        self.rx.assert_per_device_order();
+        self.rx.assert_no_seq_hole();
+    }
+
+    /// The status values of a device's state events, in order.
+    fn statuses(&self, name: &str) -> Vec<u64> {
+        self.rx
+            .of(name, "state")
+            .iter()
+            .filter_map(|e| e["values"]["status"].as_u64())
+            .collect()
+    }
+}
+
+impl Drop for DiskFloor {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_once_there_is_room_every_increment_and_transition_arrives() {
+    let Some(disk) = small_disk() else { return };
+    let mut f = DiskFloor::start(&disk, "").await;
+    // Less room than store.min_free (8 MiB by default): the store stops writing.
+    disk.fill(2 << 20);
+    f.assert_unwritable("store not writable", "disk full").await;
+    f.receive(Duration::from_secs(1), |_| false).await;
+    disk.drain();
+    let writable =
+        f.gw.wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
+            v == 0.0
+        })
+        .await;
+    assert!(writable.is_some(), "writable again\n{}", f.gw.log());
+    assert!(
+        f.gw.wait_log("store writable again", Duration::from_secs(2))
+            .await
+    );
+    f.receive(Duration::from_secs(1), |_| false).await;
+    f.assert_everything_arrives().await;
+    // The gateway kept running: each traffic step's status change is a transition.
+    for (name, (d, s)) in ["b1", "b2"].iter().zip(f.devs.iter().zip(&f.start)) {
+        let status = f.statuses(name);
+        let transitions = status.windows(2).filter(|w| w[0] != w[1]).count() as u64;
+        assert_eq!(
+            transitions,
+            crate::resilience::counter_of(d) - s,
+            "{name}: every status transition arrives"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sled_fails_is_reported_then_a_restart_delivers_every_increment() {
+    let Some(disk) = small_disk() else { return };
+    // No free-space check: sled itself meets the full disk (ENOSPC).
+    let mut f = DiskFloor::start(&disk, "min_free = \"0B\"").await;
+    disk.fill(0);
+    f.assert_unwritable("store write failed", "restarting once")
+        .await;
+    f.receive(Duration::from_secs(1), |_| false).await;
+    disk.drain();
+    let exit = f.gw.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
+        "exits for systemd to restart it: {exit:?}\n{}",
+        f.gw.log()
+    );
+    assert!(f.gw.log().contains("exiting to be restarted"));
+    f.gw.spawn(); // what systemd's Restart=on-failure does
+    let writable =
+        f.gw.wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
+            v == 0.0
+        })
+        .await;
+    assert!(writable.is_some(), "{}", f.gw.log());
+    f.assert_everything_arrives().await;
+    let last = f.statuses("b1").last().copied();
+    let now = f.devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64;
+    assert_eq!(last, Some(now), "the last status arrives");
 }

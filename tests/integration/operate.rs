@@ -8,7 +8,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-fn floorgate(gw: &Gateway, args: &[&str]) -> Output {
+/// Runs `floorgate ARGS --config` against the gateway's configuration.
+pub(crate) fn floorgate(gw: &Gateway, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_floorgate"))
         .args(args)
         .arg("--config")

@@ -127,6 +127,19 @@ impl Gateway {
         }
     }
 
+    /// Waits (at most `within`) for the daemon to exit by itself.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -231,6 +244,20 @@ impl Received {
                 assert_eq!(prev, *e, "seq {seq} was reused for a different event");
             }
         }
+    }
+
+    /// Asserts that every seq between the first and the last received arrived.
+    pub fn assert_no_seq_hole(&self) {
+        let seqs = self.seqs();
+        let (lo, hi) = (
+            *seqs.first().expect("events"),
+            *seqs.last().expect("events"),
+        );
+        assert_eq!(
+            seqs.len() as u64,
+            hi - lo + 1,
+            "no hole in the seq range {lo}..{hi}"
+        );
     }
 
     /// Asserts that per device, first deliveries arrive in increasing seq order.

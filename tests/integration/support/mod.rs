@@ -1,10 +1,11 @@
 //! Test support: a real mosquitto with generated certificates, the daemon as a child process,
-//! and a cuttable TCP proxy.
+//! a cuttable TCP proxy and a tmpfs that can be filled.
 #![allow(dead_code)]
 
 pub mod broker;
 pub mod gateway;
 pub mod proxy;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 
