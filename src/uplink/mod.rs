@@ -277,7 +277,7 @@ impl Uplink {
     /// One session; PUBACKed events are removed from the store by an [`Acker`] beside it, which
     /// has finished before the next session reads the store again.
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
-        let acker = Acker::start(self.store.clone());
+        let acker = Acker::start(self.store.clone(), self.cfg.max_inflight as usize * 4);
         let result = self.session_with(shutdown, &acker).await;
         let acked = acker.finish().await;
         result.and(acked)
@@ -364,12 +364,16 @@ impl Uplink {
                 ev = events.next() => {
                     // Handle everything already available before refilling the window once.
                     let mut next = Some(ev);
+                    let mut acked = Vec::new();
                     while let Some(ev) = next {
                         match ev {
-                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, acker)?,
+                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, &mut acked)?,
                             Err(e) => return Err(UplinkError::Session(describe(&e))),
                         }
                         next = events.try_next();
+                    }
+                    for (runs, n) in acked {
+                        acker.ack(runs, n).await?;
                     }
                 }
                 next = ahead.next(), if room => {
@@ -426,7 +430,7 @@ impl Uplink {
         ev: Event,
         unassigned: &mut VecDeque<Sent>,
         inflight: &mut HashMap<u16, (Sent, Instant)>,
-        acker: &Acker,
+        acked: &mut Vec<(Vec<Run>, u64)>,
     ) -> Result<(), UplinkError> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -456,7 +460,7 @@ impl Uplink {
                     .last_puback_ms
                     .store(crate::event::now_ms(), Ordering::Relaxed);
                 if let Sent::Events(runs, n) = sent {
-                    acker.ack(runs, n)?;
+                    acked.push((runs, n));
                 }
             }
 
@@ -473,15 +477,16 @@ impl Uplink {
 }
 
 /// Removes PUBACKed events from the store in a task of its own, so that the session goes on
-/// with the next PUBACK meanwhile; what queued up is acknowledged in one store operation.
+/// with the next PUBACK meanwhile; what queued up is acknowledged in one store operation. The
+/// queue is bounded: a session whose acker is behind waits for it.
 struct Acker {
-    tx: mpsc::UnboundedSender<(Vec<Run>, u64)>,
+    tx: mpsc::Sender<(Vec<Run>, u64)>,
     task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
 }
 
 impl Acker {
-    fn start(store: Arc<Store>) -> Acker {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<Run>, u64)>();
+    fn start(store: Arc<Store>, depth: usize) -> Acker {
+        let (tx, mut rx) = mpsc::channel::<(Vec<Run>, u64)>(depth.max(1));
         let task = tokio::spawn(async move {
             while let Some((mut runs, mut events)) = rx.recv().await {
                 let mut publishes = 1;
@@ -500,9 +505,10 @@ impl Acker {
     }
 
     /// Queues the events of a PUBACKed publish for removal.
-    fn ack(&self, runs: Vec<Run>, events: u64) -> Result<(), UplinkError> {
+    async fn ack(&self, runs: Vec<Run>, events: u64) -> Result<(), UplinkError> {
         self.tx
             .send((runs, events))
+            .await
             .map_err(|_| UplinkError::Session("acknowledging in the store failed".into()))
     }
 
