@@ -1,7 +1,7 @@
 //! The daemon's life: SIGTERM drains and exits 0, restarts continue counters, SIGHUP reloads,
 //! and the uplink refuses what is not secure while keeping every event stored.
 
-use crate::pipeline::{device, receive_until, still_floor, tcp_bus};
+use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus};
 use crate::support::broker::{subscribe, Broker, Pki, CLIENT_CN};
 use crate::support::gateway::{config, uplink_for, Gateway, Received};
 use floorgate::sim::bag;
@@ -113,14 +113,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_running_one_when_invalid() 
     )
     .unwrap();
     gw.signal(libc::SIGHUP);
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b2", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
     std::fs::write(
         &gw.config_path,
         format!("{original}[[device]]\nname = \"b3\"\n"),

@@ -1,7 +1,7 @@
 //! Fault injection: a full store, a full disk, a misbehaving network, a hung pipeline. Short variants run in
 //! CI; `FLOORGATE_LONG_FAULTS=1` makes them longer.
 
-use crate::pipeline::{device, receive_until, still_floor, tcp_bus};
+use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus, two_bags};
 use crate::support::broker::{subscribe, Broker, Pki};
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
 use crate::support::proxy::Proxy;
@@ -219,24 +219,14 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
             "gw-net",
             state,
             metrics,
-            &format!(
-                "{}keep_alive = \"5s\"\n{}{}{}",
-                uplink_tls(&pki, proxy.port),
-                tcp_bus("lan", tcp),
-                device("b1", "lan", 1, "bag_dispenser", "30ms"),
-                device("b2", "lan", 2, "bag_dispenser", "30ms")
+            &two_bags(
+                &format!("{}keep_alive = \"5s\"\n", uplink_tls(&pki, proxy.port)),
+                tcp,
             ),
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b2", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
     let traffic = crate::resilience::traffic(devs.clone(), Duration::from_millis(20), run.clone());
     let rounds = if long() { 20 } else { 3 };
@@ -501,13 +491,7 @@ impl DiskFloor {
                 "gw-disk",
                 disk.path(),
                 metrics,
-                &format!(
-                    "{}{}{}{}",
-                    uplink_tls(&pki, broker.port),
-                    tcp_bus("lan", tcp),
-                    device("b1", "lan", 1, "bag_dispenser", "30ms"),
-                    device("b2", "lan", 2, "bag_dispenser", "30ms")
-                ),
+                &two_bags(&uplink_tls(&pki, broker.port), tcp),
             )
             .replace(
                 "commit_interval = \"20ms\"",
@@ -516,14 +500,7 @@ impl DiskFloor {
         });
         let mut sub = subscribe(&broker, "floorgate/test/gw-disk/events").await;
         let mut rx = Received::default();
-        assert!(
-            receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-                .of("b2", "state")
-                .is_empty())
-            .await,
-            "{}",
-            gw.log()
-        );
+        expect_state(&mut sub, &mut rx, "b2", &gw).await;
         let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let traffic = traffic(devs.clone(), Duration::from_millis(200), run.clone());
         let mut f = DiskFloor {

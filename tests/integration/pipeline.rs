@@ -35,6 +35,33 @@ pub(crate) async fn receive_until(
     true
 }
 
+/// Waits (15 s at most) until a `state` event of `device` arrived; fails with the gateway's log.
+pub(crate) async fn expect_state(
+    sub: &mut Subscriber,
+    rx: &mut Received,
+    device: &str,
+    gw: &Gateway,
+) {
+    assert!(
+        receive_until(sub, rx, Duration::from_secs(15), |rx| !rx
+            .of(device, "state")
+            .is_empty())
+        .await,
+        "{}",
+        gw.log()
+    );
+}
+
+/// The uplink section `uplink`, then two bag dispensers (b1, b2, polled every 30 ms) on a TCP bus.
+pub(crate) fn two_bags(uplink: &str, tcp: std::net::SocketAddr) -> String {
+    format!(
+        "{uplink}{}{}{}",
+        tcp_bus("lan", tcp),
+        device("b1", "lan", 1, "bag_dispenser", "30ms"),
+        device("b2", "lan", 2, "bag_dispenser", "30ms")
+    )
+}
+
 pub(crate) fn rtu_bus(name: &str, port: &std::path::Path, timeout: &str) -> String {
     format!("[[bus]]\nname = \"{name}\"\nrtu = {{ port = \"{}\", baud = 19200 }}\ntimeout = \"{timeout}\"\nretries = 0\nbackoff_max = \"2s\"\n\n", port.display())
 }

@@ -1,6 +1,8 @@
 //! What the gateway survives: kill -9, broker outages, silent and hostile devices.
 
-use crate::pipeline::{device, receive_until, rtu_bus, still_floor, tcp_bus};
+use crate::pipeline::{
+    device, expect_state, receive_until, rtu_bus, still_floor, tcp_bus, two_bags,
+};
 use crate::support::broker::{subscribe, Broker, Pki};
 use crate::support::gateway::{config, uplink_for, uplink_tls, Gateway, Received};
 use crate::support::proxy::Proxy;
@@ -99,14 +101,7 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b2", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
     // FLOORGATE_LONG_FAULTS=1: hundreds of cycles.
@@ -173,24 +168,11 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
             "gw-out",
             state,
             metrics,
-            &format!(
-                "{}{}{}{}",
-                uplink_tls(&pki, proxy.port),
-                tcp_bus("lan", tcp),
-                device("b1", "lan", 1, "bag_dispenser", "30ms"),
-                device("b2", "lan", 2, "bag_dispenser", "30ms")
-            ),
+            &two_bags(&uplink_tls(&pki, proxy.port), tcp),
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b2", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(10), run.clone());
     proxy.cut();
