@@ -294,52 +294,71 @@ async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_silent_device_does_not_slow_the_others_beyond_its_back_off() {
+    silent_device_among(3, "200ms", Duration::from_secs(5), 0.9).await;
+}
+
+/// Issue 5's figure: one dead device among ten on one RS485 line, the others keep at least 95 %
+/// of their poll rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_device_among_ten_leaves_the_others_95_percent_of_their_rate() {
+    silent_device_among(10, "250ms", Duration::from_secs(8), 0.95).await;
+}
+
+/// `n` bag dispensers on one RTU line polled every `poll`, unit 2 silent: over `window` every
+/// other device makes at least `share` of its nominal transactions, the silent one is probed
+/// once per back-off period and reported offline.
+async fn silent_device_among(n: usize, poll: &str, window: Duration, share: f64) {
     let stop = CancellationToken::new();
-    let (pty, devs) = still_floor(3, 0).start_pty(stop.clone()).unwrap();
+    let (pty, devs) = still_floor(n, 0).start_pty(stop.clone()).unwrap();
     devs[1].update_faults(|f| f.silent = true);
     let pki = Pki::generate();
     let broker = Broker::start_tls(&pki);
     let mut sub = subscribe(&broker, "floorgate/test/gw-silent/events").await;
     let gw = Gateway::start(|state, metrics| {
-        config(
-            "gw-silent",
-            state,
-            metrics,
-            &format!(
-                "{}{}{}{}{}",
-                uplink_for(&pki, &broker),
-                rtu_bus("rs485", &pty, "100ms"),
-                device("a", "rs485", 1, "bag_dispenser", "200ms"),
-                device("dead", "rs485", 2, "bag_dispenser", "200ms"),
-                device("c", "rs485", 3, "bag_dispenser", "200ms")
-            ),
-        )
+        let mut text = format!(
+            "{}{}",
+            uplink_for(&pki, &broker),
+            rtu_bus("rs485", &pty, "100ms")
+        );
+        for u in 1..=n {
+            let name = if u == 2 {
+                "dead".to_string()
+            } else {
+                format!("d{u}")
+            };
+            text.push_str(&device(&name, "rs485", u as u8, "bag_dispenser", poll));
+        }
+        config("gw-silent", state, metrics, &text)
     });
     let mut rx = Received::default();
+    let last = format!("d{n}");
     assert!(
         receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("c", "state")
+            .of(&last, "state")
             .is_empty())
         .await,
         "{}",
         gw.log()
     );
     let before: Vec<u64> = devs.iter().map(|d| d.requests()).collect();
-    let window = Duration::from_secs(5);
     tokio::time::sleep(window).await;
     let after: Vec<u64> = devs.iter().map(|d| d.requests()).collect();
     // A bag dispenser poll is 5 transactions (holding 0-10, holding 40-47, coils, discretes, inputs).
-    let expected = window.as_secs_f64() / 0.2 * 5.0;
-    for i in [0, 2] {
+    let period = humantime::parse_duration(poll).unwrap();
+    let expected = window.as_secs_f64() / period.as_secs_f64() * 5.0;
+    for i in (0..n).filter(|&i| i != 1) {
         let got = (after[i] - before[i]) as f64;
         assert!(
-            got >= 0.9 * expected,
+            got >= share * expected,
             "device {} made {got} transactions, expected about {expected}",
             i + 1
         );
     }
     let dead = (after[1] - before[1]) as f64;
-    assert!(dead <= 5.0, "the silent device is only probed once per back-off period, got {dead} requests in {window:?}");
+    assert!(
+        dead <= window.as_secs_f64(),
+        "the silent device is only probed once per back-off period, got {dead} requests in {window:?}"
+    );
     let offline = gw.metric("floorgate_device_online{device=\"dead\"}").await;
     assert_eq!(offline, Some(0.0));
     stop.cancel();
