@@ -176,6 +176,18 @@ async fn plain_publisher(payloads: Vec<Vec<u8>>, pki: &Pki, broker: &Broker, n: 
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// `floorgate run` with configuration `text` written to `dir`.
+fn run_daemon(dir: &std::path::Path, text: &str) -> std::process::Child {
+    let path = dir.join("f.toml");
+    std::fs::write(&path, text).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn proc_stat(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
@@ -223,14 +235,7 @@ async fn footprint(pki: &Pki, broker: &Broker, secs: u64, backlog: bool) -> (f64
         };
         text.push_str(&format!("[[device]]\nname = \"d{u}\"\nbus = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\npoll = \"1s\"\n"));
     }
-    let path = dir.path().join("f.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = run_daemon(dir.path(), &text);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (c0, _) = proc_stat(child.id());
     let t0 = Instant::now();
@@ -358,15 +363,8 @@ async fn latency(pki: &Pki, broker: &Broker) -> (f64, f64) {
         pki.client_cert.display(),
         pki.client_key.display()
     );
-    let path = dir.path().join("f.toml");
-    std::fs::write(&path, text).unwrap();
     let mut sub = broker::subscribe(broker, "floorgate/b/bench-lat/events").await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = run_daemon(dir.path(), &text);
     tokio::time::sleep(Duration::from_secs(2)).await;
     while sub.next(Duration::from_millis(200)).await.is_some() {}
     let mut lat = Vec::new();

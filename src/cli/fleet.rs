@@ -437,15 +437,7 @@ fn mqtt_options(a: &PushArgs) -> Result<MqttOptions, Failure> {
     }
     if let Some(user) = &a.username {
         let password = match &a.password_file {
-            Some(p) => {
-                tls::check_secret_permissions(p).map_err(Failure::new)?;
-                std::fs::read_to_string(p)
-                    .map_err(|e| {
-                        Failure::new(format!("cannot read password file {}: {e}", p.display()))
-                    })?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string()
-            }
+            Some(p) => crate::uplink::read_password(p).map_err(Failure::new)?,
             None => String::new(),
         };
         o.set_credentials(user.clone(), password);

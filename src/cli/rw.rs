@@ -117,34 +117,31 @@ fn parse_table(text: &str) -> Result<Table, String> {
     }
 }
 
+/// A name as the configuration spells it (the same serde names), or `must be one of ...`.
+fn by_config_name<T: serde::de::DeserializeOwned>(
+    what: &str,
+    name: &str,
+    one_of: &str,
+) -> Result<T, String> {
+    use serde::de::IntoDeserializer;
+    T::deserialize(name.into_deserializer())
+        .map_err(|_: serde::de::value::Error| format!("{what} {name:?} must be {one_of}"))
+}
+
 fn parse_type(text: &str) -> Result<DataType, String> {
-    Ok(match text.trim().to_ascii_lowercase().as_str() {
-        "u16" => DataType::U16,
-        "i16" => DataType::I16,
-        "u32" => DataType::U32,
-        "i32" => DataType::I32,
-        "u64" => DataType::U64,
-        "i64" => DataType::I64,
-        "f32" => DataType::F32,
-        "f64" => DataType::F64,
-        "bool" => DataType::Bool,
-        "string" => DataType::String,
-        other => {
-            return Err(format!(
-                "type {other:?} must be one of u16 i16 u32 i32 u64 i64 f32 f64 bool string"
-            ))
-        }
-    })
+    by_config_name(
+        "type",
+        &text.trim().to_ascii_lowercase(),
+        "one of u16 i16 u32 i32 u64 i64 f32 f64 bool string",
+    )
 }
 
 fn parse_order(text: &str) -> Result<WordOrder, String> {
-    Ok(match text.trim().to_ascii_uppercase().as_str() {
-        "ABCD" => WordOrder::ABCD,
-        "CDAB" => WordOrder::CDAB,
-        "BADC" => WordOrder::BADC,
-        "DCBA" => WordOrder::DCBA,
-        other => return Err(format!("order {other:?} must be ABCD, CDAB, BADC or DCBA")),
-    })
+    by_config_name(
+        "order",
+        &text.trim().to_ascii_uppercase(),
+        "ABCD, CDAB, BADC or DCBA",
+    )
 }
 
 /// A resolved target: the bus to open, the unit, how to name it in messages.
@@ -738,6 +735,18 @@ async fn execute(link: &mut Link, r: &Resolved, plan: &Plan) -> Result<Option<Va
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_and_order_names_are_the_configuration_names() {
+        assert_eq!(parse_type(" F32 "), Ok(DataType::F32));
+        assert_eq!(parse_type("string"), Ok(DataType::String));
+        assert_eq!(parse_order("cdab"), Ok(WordOrder::CDAB));
+        assert_eq!(
+            parse_type("u8"),
+            Err("type \"u8\" must be one of u16 i16 u32 i32 u64 i64 f32 f64 bool string".into())
+        );
+        assert!(parse_order("ABDC").is_err_and(|e| e.contains("ABCD, CDAB, BADC or DCBA")));
+    }
 
     #[test]
     fn values_parse_by_type() {

@@ -51,6 +51,17 @@ pub enum UplinkError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// The MQTT password from `path` (a secret: its permissions are checked), without the final
+/// line break.
+pub fn read_password(path: &std::path::Path) -> Result<String, UplinkError> {
+    tls::check_secret_permissions(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| UplinkError::Password {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// Uplink state shared with `status` and the health gate.
 #[derive(Debug, Default)]
 pub struct UplinkState {
@@ -187,16 +198,7 @@ impl Uplink {
         }
         if let Some(user) = &c.username {
             let password = match &c.password_file {
-                Some(p) => {
-                    tls::check_secret_permissions(p)?;
-                    std::fs::read_to_string(p)
-                        .map_err(|source| UplinkError::Password {
-                            path: p.display().to_string(),
-                            source,
-                        })?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string()
-                }
+                Some(p) => read_password(p)?,
                 None => String::new(),
             };
             o.set_credentials(user.clone(), password);
@@ -540,9 +542,10 @@ struct Frame {
 }
 
 impl Frame {
-    fn new(gateway: &str) -> Frame {
+    /// A frame starting from `empty`, the payload without events (`payload(gateway, [])`).
+    fn new(empty: &[u8]) -> Frame {
         Frame {
-            body: payload(gateway, []),
+            body: empty.to_vec(),
             runs: Vec::new(),
             events: 0,
         }
@@ -573,7 +576,7 @@ impl Frame {
 fn frame(
     store: &Store,
     reader: &mut Reader,
-    gateway: &str,
+    empty: &[u8],
     max_batch: usize,
 ) -> Result<Vec<Prepared>, crate::store::StoreError> {
     let first = reader.read(store, 8)?;
@@ -581,18 +584,18 @@ fn frame(
         return Ok(first
             .iter()
             .map(|s| {
-                let mut f = Frame::new(gateway);
+                let mut f = Frame::new(empty);
                 f.push(&s.at, s.json());
                 f.done()
             })
             .collect());
     }
     let mut out = Vec::new();
-    let mut current = Frame::new(gateway);
+    let mut current = Frame::new(empty);
     let mut add = |at: &crate::store::EventRef, json: &[u8]| {
         current.push(at, json);
         if current.events as usize >= max_batch {
-            out.push(std::mem::replace(&mut current, Frame::new(gateway)).done());
+            out.push(std::mem::replace(&mut current, Frame::new(empty)).done());
         }
     };
     for s in &first {
@@ -622,11 +625,12 @@ impl Prefetch {
         let (tx, rx) = mpsc::channel(window.max(1));
         let idle = Arc::new(AtomicBool::new(false));
         let flag = idle.clone();
+        let empty = payload(&gateway, []);
         let task = tokio::spawn(async move {
             let mut reader = Reader::new(0);
             loop {
                 flag.store(false, Ordering::SeqCst);
-                let prepared = match frame(&store, &mut reader, &gateway, max_batch) {
+                let prepared = match frame(&store, &mut reader, &empty, max_batch) {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
@@ -858,11 +862,11 @@ mod tests {
         let store = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
         store.commit(&[state(1), state(2)], &[]).expect("commit");
         let mut reader = Reader::new(0);
-        let live = frame(&store, &mut reader, "gw", 10).expect("frame");
+        let live = frame(&store, &mut reader, &payload("gw", []), 10).expect("frame");
         assert_eq!(live.len(), 2, "live events one per publish");
         let events: Vec<Event> = (3..=40).map(state).collect();
         store.commit(&events, &[]).expect("commit");
-        let backlog = frame(&store, &mut reader, "gw", 10).expect("frame");
+        let backlog = frame(&store, &mut reader, &payload("gw", []), 10).expect("frame");
         assert_eq!(
             backlog.iter().map(|p| p.events).collect::<Vec<_>>(),
             [10, 10, 10, 8]
@@ -878,7 +882,7 @@ mod tests {
             i += n;
         }
         assert_eq!(i, stored.len());
-        assert!(frame(&store, &mut reader, "gw", 10)
+        assert!(frame(&store, &mut reader, &payload("gw", []), 10)
             .expect("frame")
             .is_empty());
     }

@@ -36,14 +36,7 @@ async fn sigterm_drains_and_exits_0_and_counters_continue_across_a_restart() {
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b", &gw).await;
     let status = gw
         .terminate(Duration::from_secs(10))
         .expect("exits within the drain deadline");
@@ -95,14 +88,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_running_one_when_invalid() 
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b1", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b1", &gw).await;
     let original = std::fs::read_to_string(&gw.config_path).unwrap();
     std::fs::write(
         &gw.config_path,
@@ -120,12 +106,8 @@ async fn sighup_applies_a_valid_config_and_keeps_the_running_one_when_invalid() 
     )
     .unwrap();
     gw.signal(libc::SIGHUP);
-    assert!(
-        gw.wait_log("new configuration rejected", Duration::from_secs(5))
-            .await,
-        "{}",
-        gw.log()
-    );
+    gw.expect_log("new configuration rejected", Duration::from_secs(5))
+        .await;
     // Still polling with the previous configuration.
     devs[1].bank().with(|t| t.set_u16(bag::HR_STOCK, 250));
     assert!(
@@ -251,12 +233,8 @@ async fn a_wrong_ca_or_a_missing_client_certificate_is_refused_and_events_stay_s
             ),
         )
     });
-    assert!(
-        gw.wait_log("uplink connected", Duration::from_secs(10))
-            .await,
-        "{}",
-        gw.log()
-    );
+    gw.expect_log("uplink connected", Duration::from_secs(10))
+        .await;
     stop.cancel();
 }
 

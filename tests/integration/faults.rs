@@ -47,14 +47,7 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "b", &gw).await;
     proxy.cut();
     // Mostly telemetry (the stock moves every step), a counter increment every 25th step.
     let steps = if long() { 30_000 } else { 3_000 };

@@ -298,12 +298,7 @@ async fn a_failed_canary_stops_the_group_push() {
     assert_eq!(status_of(&rows, "gw-c"), "skipped");
     // Nothing went to the group topic, and only gw-a's own topic got the config.
     assert_eq!(group.next(Duration::from_millis(500)).await, None);
-    let sets: Vec<String> = others
-        .collect_until(Duration::from_millis(500), |_| false)
-        .await
-        .into_iter()
-        .map(|m| m.0)
-        .collect();
+    let sets = others.topics_within(Duration::from_millis(500)).await;
     assert_eq!(sets, vec![gw_topic("gw-a", "config/set")]);
 }
 
@@ -365,12 +360,7 @@ async fn a_good_canary_lets_the_group_push_go_on() {
         ]
     );
     assert_eq!(results[2]["error"], "gw-c: health gate failed");
-    let sets: Vec<String> = own
-        .collect_until(Duration::from_millis(500), |_| false)
-        .await
-        .into_iter()
-        .map(|m| m.0)
-        .collect();
+    let sets = own.topics_within(Duration::from_millis(500)).await;
     assert_eq!(sets, vec![gw_topic("gw-a", "config/set")]);
 }
 

@@ -1,6 +1,6 @@
 //! Operating a gateway: `status`, `buffer` and the metrics endpoint against a running daemon.
 
-use crate::pipeline::{device, receive_until, rtu_bus, still_floor, tcp_bus};
+use crate::pipeline::{device, expect_state, receive_until, rtu_bus, still_floor, tcp_bus};
 use crate::support::broker::{subscribe, Broker, Pki};
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
 use crate::support::proxy::Proxy;
@@ -58,14 +58,7 @@ async fn status_buffer_and_metrics_show_what_the_floor_is_doing() {
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("r1", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "r1", &gw).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let st = json(&floorgate(&gw, &["status", "--json"]));

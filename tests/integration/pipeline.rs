@@ -207,14 +207,7 @@ async fn state_changes_counters_and_alarms_become_events() {
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut sub, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("bags", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut sub, &mut rx, "bags", &gw).await;
     // A counter moving across the u16 boundary is still one u32 counter: +10.
     d.bank()
         .with(|t| t.set_u32_abcd(bag::HR_BAGS_DISPENSED, 65_540));

@@ -1,7 +1,7 @@
 //! Remote configuration: signed pushes apply, bad ones are rejected with the reason, and a config
 //! that breaks the uplink rolls back by itself without losing or duplicating a buffered event.
 
-use crate::pipeline::{device, receive_until, still_floor, tcp_bus};
+use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus};
 use crate::support::broker::{publish, subscribe, Broker, Pki, Subscriber};
 use crate::support::gateway::{config, uplink_for, Gateway, Received};
 use base64::Engine as _;
@@ -72,20 +72,9 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     let mut gw =
         Gateway::start(|state, metrics| config("gw-rc", state, metrics, &rest(&one, &uplink)));
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("b1", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
-    assert!(
-        gw.wait_log("control link subscribed", Duration::from_secs(10))
-            .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut events, &mut rx, "b1", &gw).await;
+    gw.expect_log("control link subscribed", Duration::from_secs(10))
+        .await;
     let base = std::fs::read_to_string(&gw.config_path).unwrap();
     let with_two = base.replace(&one, &two);
     let topic = "floorgate/test/gw-rc/config/set";
@@ -293,20 +282,9 @@ async fn commands_write_writable_points_once_and_refuse_the_rest() {
         )
     });
     let mut rx = Received::default();
-    assert!(
-        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| !rx
-            .of("cab", "state")
-            .is_empty())
-        .await,
-        "{}",
-        gw.log()
-    );
-    assert!(
-        gw.wait_log("control link subscribed", Duration::from_secs(10))
-            .await,
-        "{}",
-        gw.log()
-    );
+    expect_state(&mut events, &mut rx, "cab", &gw).await;
+    gw.expect_log("control link subscribed", Duration::from_secs(10))
+        .await;
     let topic = "floorgate/test/gw-cmd/cmd";
     let send = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
     let later = floorgate::event::now_ms() + 60_000;
@@ -412,23 +390,7 @@ async fn a_group_push_reaches_every_member_and_composes_with_their_own_config() 
     let mut events = subscribe(&broker, "floorgate/test/+/events").await;
     let mut states = subscribe(&broker, "floorgate/test/+/config/state").await;
     let start = |id: &'static str, unit: u8, groups: &'static str| {
-        let uplink = format!(
-            "{}config_public_key = \"{public}\"\n",
-            uplink_for(&pki, &broker)
-        );
-        Gateway::start(move |state, metrics| {
-            config(
-                id,
-                state,
-                metrics,
-                &format!(
-                    "{uplink}{}{}",
-                    tcp_bus("lan", tcp),
-                    device(&format!("{id}-bags"), "lan", unit, "bag_dispenser", "100ms")
-                ),
-            )
-            .replace("include = [", &format!("groups = [{groups}]\ninclude = ["))
-        })
+        group_member(id, unit, groups, &public, &uplink_for(&pki, &broker), tcp)
     };
     let a = start("gw-a", 1, "\"west\"");
     let b = start("gw-b", 2, "\"west\", \"all\"");
@@ -447,12 +409,8 @@ async fn a_group_push_reaches_every_member_and_composes_with_their_own_config() 
         a.log()
     );
     for g in [&a, &b, &c] {
-        assert!(
-            g.wait_log("control link subscribed", Duration::from_secs(10))
-                .await,
-            "{}",
-            g.log()
-        );
+        g.expect_log("control link subscribed", Duration::from_secs(10))
+            .await;
     }
     // The group sets shared parts: an alarm rule in the bag dispenser profile and its poll policy.
     let shipped = std::fs::read_to_string(concat!(
@@ -562,23 +520,14 @@ async fn fleet_push_with_a_canary_against_real_gateways() {
         .to_string();
     let mut states = subscribe(&broker, "floorgate/test/+/config/state").await;
     let start = |id: &'static str, unit: u8| {
-        let uplink = format!(
-            "{}config_public_key = \"{public}\"\n",
-            uplink_for(&pki, &broker)
-        );
-        Gateway::start(move |state, metrics| {
-            config(
-                id,
-                state,
-                metrics,
-                &format!(
-                    "{uplink}{}{}",
-                    tcp_bus("lan", tcp),
-                    device(&format!("{id}-bags"), "lan", unit, "bag_dispenser", "100ms")
-                ),
-            )
-            .replace("include = [", "groups = [\"west\"]\ninclude = [")
-        })
+        group_member(
+            id,
+            unit,
+            "\"west\"",
+            &public,
+            &uplink_for(&pki, &broker),
+            tcp,
+        )
     };
     let a = start("gw-a", 1);
     let _b = start("gw-b", 2);
@@ -663,4 +612,31 @@ async fn fleet_push_with_a_canary_against_real_gateways() {
     assert_eq!(status(&v, "gw-b"), Some("applied".into()));
     drop(states.drain());
     stop.cancel();
+}
+
+/// A gateway `id` in fleet groups `groups` (TOML array items) that trusts `public` for signed
+/// configuration, with one bag dispenser (`{id}-bags`, unit `unit`) on the TCP bus at `tcp`.
+fn group_member(
+    id: &'static str,
+    unit: u8,
+    groups: &str,
+    public: &str,
+    uplink: &str,
+    tcp: std::net::SocketAddr,
+) -> Gateway {
+    let uplink = format!("{uplink}config_public_key = \"{public}\"\n");
+    let groups = format!("groups = [{groups}]\ninclude = [");
+    Gateway::start(move |state, metrics| {
+        config(
+            id,
+            state,
+            metrics,
+            &format!(
+                "{uplink}{}{}",
+                tcp_bus("lan", tcp),
+                device(&format!("{id}-bags"), "lan", unit, "bag_dispenser", "100ms")
+            ),
+        )
+        .replace("include = [", &groups)
+    })
 }

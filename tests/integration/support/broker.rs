@@ -930,6 +930,15 @@ impl Subscriber {
             .flatten()
     }
 
+    /// The topics of everything that arrives within `window`.
+    pub async fn topics_within(&mut self, window: Duration) -> Vec<String> {
+        self.collect_until(window, |_| false)
+            .await
+            .into_iter()
+            .map(|m| m.0)
+            .collect()
+    }
+
     /// Collects messages until `pred(&collected)` is true or `timeout` passes; returns what was
     /// collected either way (check it with `pred` again if the distinction matters).
     pub async fn collect_until(

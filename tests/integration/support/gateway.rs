@@ -157,6 +157,11 @@ impl Gateway {
         false
     }
 
+    /// Asserts that `needle` shows up in the log within `within` (fails with the log).
+    pub async fn expect_log(&self, needle: &str, within: Duration) {
+        assert!(self.wait_log(needle, within).await, "{}", self.log());
+    }
+
     /// Reads one metric series (exact line prefix, e.g. `floorgate_store_events` or
     /// `floorgate_device_online{device="a"}`) from the metrics endpoint.
     pub async fn metric(&self, series: &str) -> Option<f64> {
