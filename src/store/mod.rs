@@ -6,8 +6,16 @@
 //! block, not per event.
 //!
 //! Keys: `k`+first seq (block of kept events), `t`+first seq (block of telemetry, shed first),
-//! `s`+device (snapshot), `m`+name (meta: next seq, byte and event counts), `c`+id and `v`+name
-//! (small records: command outcomes, config versions).
+//! `a`+block key (marker: the block is wholly acknowledged), `s`+device (snapshot), `m`+name
+//! (meta: next seq, byte and event counts), `c`+id and `v`+name (small records: command
+//! outcomes, config versions).
+//!
+//! Acknowledging is cheap, deleting is not: sled rewrites the node that holds a block, and
+//! with blocks of up to 256 KiB a node is large. So a wholly acknowledged block only gets a
+//! small marker record; the blocks themselves are deleted in bulk by [`Store::reclaim`], which
+//! the uplink calls once a backlog is drained (or when too many wait, or when the bound needs
+//! the room). Readers skip marked blocks, a restart loads the markers (a few bytes per block),
+//! so nothing acknowledged is sent again.
 //!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
@@ -32,7 +40,7 @@ pub use reader::Reader;
 pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::mem::ManuallyDrop;
 use std::ops::Range;
@@ -179,13 +187,25 @@ impl Acked {
             bytes,
         }
     }
+    /// Wholly acknowledged: once a block is, its bits are freed.
     fn complete(&self) -> bool {
         self.count >= self.len
     }
+    /// A wholly acknowledged block, as loaded from its marker.
+    fn sealed(len: u32, bytes: u32) -> Acked {
+        Acked {
+            bits: Vec::new(),
+            count: len,
+            len,
+            bytes,
+        }
+    }
     fn contains(&self, i: u32) -> bool {
-        self.bits
-            .get(i as usize / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.complete()
+            || self
+                .bits
+                .get(i as usize / 64)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
     /// Marks positions `first..first + len`; returns how many were not marked before.
     fn insert_run(&mut self, first: u32, len: u32) -> u32 {
@@ -241,8 +261,15 @@ struct Meta {
     telemetry: u64,
     dropped: u64,
     /// Blocks of which some events were acknowledged: the seqs acknowledged so far. In memory
-    /// only: after a crash the whole block is sent again (the cloud deduplicates by seq).
+    /// only while partly acknowledged: after a crash such a block is sent again (the cloud
+    /// deduplicates by seq). Wholly acknowledged blocks stay here until they are deleted.
     partial: HashMap<(Class, u64), Acked>,
+    /// Wholly acknowledged blocks not deleted yet, in the order they completed (each has a
+    /// marker record); [`Store::reclaim`] deletes them.
+    complete: VecDeque<(Class, u64)>,
+    /// Per class ([`class_index`]): every block starting below this seq is wholly acknowledged
+    /// or gone. Advanced lazily by [`Store::front`], so that reads skip the acknowledged front.
+    front: [u64; 2],
     partial_events: u64,
     partial_telemetry: u64,
     /// The group of a commit that could not be written.
@@ -318,6 +345,8 @@ const M_NEXT: &[u8] = b"mnext_seq";
 const M_BYTES: &[u8] = b"mbytes";
 const M_EVENTS: &[u8] = b"mevents";
 const M_TELEMETRY: &[u8] = b"mtelemetry";
+/// Prefix of the markers of wholly acknowledged blocks.
+const A_PREFIX: u8 = b'a';
 /// Events per block at most (a commit larger than this is split).
 const BLOCK_EVENTS: usize = 1000;
 /// Bytes per block at most (bounds the memory of one read).
@@ -334,6 +363,22 @@ fn key(class: Class, seq: u64) -> [u8; 9] {
     k[0] = prefix(class);
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The marker of a wholly acknowledged block: `a` + the block's key. Its value is the block's
+/// event count and bytes (`u32` each), what the accounting needs when it is deleted.
+fn marker(class: Class, block: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[0] = A_PREFIX;
+    k[1..].copy_from_slice(&key(class, block));
+    k
+}
+
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Keep => 0,
+        Class::Telemetry => 1,
+    }
 }
 
 fn seq_of(k: &[u8]) -> u64 {
@@ -505,13 +550,41 @@ impl Store {
             .mode(sled::Mode::LowSpace)
             .open()?;
         let tree = db.open_tree("floorgate")?;
-        let meta = Meta {
+        let mut meta = Meta {
             next_seq: read_u64(&tree, M_NEXT)?.max(1),
             bytes: read_u64(&tree, M_BYTES)?,
             events: read_u64(&tree, M_EVENTS)?,
             telemetry: read_u64(&tree, M_TELEMETRY)?,
             ..Meta::default()
         };
+        // Wholly acknowledged blocks not deleted before the stop: a few bytes each.
+        for item in tree.scan_prefix([A_PREFIX]) {
+            let (k, v) = item?;
+            let class = match k.get(1) {
+                Some(b'k') => Class::Keep,
+                Some(b't') => Class::Telemetry,
+                _ => continue,
+            };
+            let (Ok(len), Ok(bytes)) = (
+                v.get(..4)
+                    .unwrap_or_default()
+                    .try_into()
+                    .map(u32::from_be_bytes),
+                v.get(4..8)
+                    .unwrap_or_default()
+                    .try_into()
+                    .map(u32::from_be_bytes),
+            ) else {
+                continue;
+            };
+            let id = (class, seq_of(&k[1..]));
+            meta.partial_events += u64::from(len);
+            if class == Class::Telemetry {
+                meta.partial_telemetry += u64::from(len);
+            }
+            meta.partial.insert(id, Acked::sealed(len, bytes));
+            meta.complete.push_back(id);
+        }
         Ok(Store {
             dir: dir.to_path_buf(),
             sled: ManuallyDrop::new(Sled { db, tree }),
@@ -635,8 +708,6 @@ impl Store {
             self.commit_locked(m, &held.events, &held.snapshots)
         }) {
             Ok(r) => {
-                // Acknowledgements that could not be written meanwhile.
-                let _ = self.delete_acked(&mut meta);
                 drop(meta);
                 self.notify(&r);
                 Ok(Some(Recovered {
@@ -722,6 +793,25 @@ impl Store {
         if bytes > self.max_bytes {
             // Shed to 90 % of the bound so that a full store does not drop on every commit.
             let target = self.max_bytes / 10 * 9;
+            // Wholly acknowledged blocks go first: deleting them loses nothing.
+            let mut reclaimed = HashSet::new();
+            for id in &meta.complete {
+                if bytes <= target {
+                    break;
+                }
+                let Some(a) = meta.partial.get(id) else {
+                    continue;
+                };
+                bytes = bytes.saturating_sub(u64::from(a.bytes));
+                n_events = n_events.saturating_sub(u64::from(a.count));
+                if id.0 == Class::Telemetry {
+                    n_tel = n_tel.saturating_sub(u64::from(a.count));
+                }
+                batch.remove(&key(id.0, id.1)[..]);
+                batch.remove(&marker(id.0, id.1)[..]);
+                forget.push((*id, u64::from(a.count)));
+                reclaimed.insert(*id);
+            }
             for class in [Class::Telemetry, Class::Keep] {
                 for item in self.sled.tree.scan_prefix([prefix(class)]) {
                     if bytes <= target {
@@ -730,6 +820,9 @@ impl Store {
                     let (k, v) = item?;
                     let (count, last) = block_header(&v);
                     let first_seq = seq_of(&k);
+                    if reclaimed.contains(&(class, first_seq)) {
+                        continue;
+                    }
                     bytes -= size(&k, &v);
                     let acked = meta
                         .partial
@@ -737,6 +830,7 @@ impl Store {
                         .map(|a| a.count as u64);
                     if let Some(n) = acked {
                         forget.push(((class, first_seq), n));
+                        batch.remove(&marker(class, first_seq)[..]);
                     }
                     // Events of the block still unacknowledged are the ones lost.
                     let lost = count as u64 - acked.unwrap_or(0);
@@ -796,12 +890,19 @@ impl Store {
         batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
         self.sled.tree.apply_batch(batch)?;
         self.sled.db.flush()?;
+        let forgot = !forget.is_empty();
         for ((class, block), already) in forget {
             meta.partial.remove(&(class, block));
             meta.partial_events -= already;
             if class == Class::Telemetry {
                 meta.partial_telemetry -= already;
             }
+        }
+        if forgot {
+            let Meta {
+                complete, partial, ..
+            } = meta;
+            complete.retain(|id| partial.contains_key(id));
         }
         if let Some((n, first_seq, last_seq)) = dropped.0 {
             meta.dropped += n;
@@ -858,9 +959,10 @@ impl Store {
         class: Class,
         from: u64,
         max: usize,
-        meta: &Meta,
+        meta: &mut Meta,
         out: &mut Vec<Stored>,
     ) -> Result<(), StoreError> {
+        let from = from.max(self.front(meta, class)?);
         let start = self.first_block(class, from)?;
         // A commit that failed may have left blocks in sled's memory: only committed seqs.
         let end = key(class, meta.next_seq);
@@ -875,6 +977,29 @@ impl Store {
             push_events(class, &k, &v, from, meta, max, out);
         }
         Ok(())
+    }
+
+    /// The seq from which `class` may hold unacknowledged events: moves the class's front past
+    /// the wholly acknowledged blocks at its start (each block is passed once).
+    fn front(&self, meta: &mut Meta, class: Class) -> Result<u64, StoreError> {
+        let i = class_index(class);
+        let start = key(class, meta.front[i]);
+        let end = key(class, meta.next_seq);
+        if meta.complete.is_empty() || start >= end {
+            return Ok(meta.front[i]);
+        }
+        for item in self.sled.tree.range(start..end) {
+            let (k, v) = item?;
+            if !meta
+                .partial
+                .get(&(class, seq_of(&k)))
+                .is_some_and(Acked::complete)
+            {
+                break;
+            }
+            meta.front[i] = meta.front[i].max(block_header(&v).1 + 1);
+        }
+        Ok(meta.front[i])
     }
 
     /// Key of the first block that may hold `from` (a block may start before it).
@@ -901,8 +1026,9 @@ impl Store {
         min: usize,
         out: &mut std::collections::VecDeque<reader::Loaded>,
     ) -> Result<u64, StoreError> {
-        let meta = lock(&self.meta);
+        let mut meta = lock(&self.meta);
         let mut next = from;
+        let from = from.max(self.front(&mut meta, class)?);
         let mut added = 0usize;
         let start = self.first_block(class, from)?;
         // A commit that failed may have left blocks in sled's memory: only committed seqs.
@@ -919,6 +1045,9 @@ impl Store {
             }
             let block = seq_of(&k);
             let acked = meta.partial.get(&(class, block));
+            if acked.is_some_and(Acked::complete) {
+                continue;
+            }
             added += (count - acked.map_or(0, |a| a.count.min(count))) as usize;
             out.push_back(reader::Loaded {
                 block,
@@ -936,11 +1065,11 @@ impl Store {
 
     /// Up to `max` unacknowledged events with seq >= `from`, in seq order.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let meta = lock(&self.meta);
+        let mut meta = lock(&self.meta);
         let mut keep = Vec::new();
         let mut tel = Vec::new();
-        self.class_from(Class::Keep, from, max, &meta, &mut keep)?;
-        self.class_from(Class::Telemetry, from, max, &meta, &mut tel)?;
+        self.class_from(Class::Keep, from, max, &mut meta, &mut keep)?;
+        self.class_from(Class::Telemetry, from, max, &mut meta, &mut tel)?;
         drop(meta);
         if tel.is_empty() {
             return Ok(keep);
@@ -963,17 +1092,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Records PUBACKed events; a block is deleted once all its events are acknowledged.
-    /// Events already dropped are skipped. Not flushed here: a crash before the next flush only
-    /// causes a redelivery of the same seqs. While the store does not take writes the
-    /// acknowledgements stay in memory (the events are not read again) and are written later.
+    /// Records PUBACKed events and deletes the blocks they complete (see [`Store::ack_runs`]).
     pub fn ack(&self, events: &[EventRef]) -> Result<(), StoreError> {
-        self.ack_runs(&runs(events))
+        self.ack_runs(&runs(events))?;
+        self.reclaim(usize::MAX).map(|_| ())
     }
 
-    /// [`Store::ack`] for runs of events.
+    /// Records PUBACKed runs of events. Events already dropped are skipped. A block whose
+    /// events are all acknowledged gets a marker record and waits for [`Store::reclaim`].
+    /// Not flushed here: a crash before the next flush only causes a redelivery of the same
+    /// seqs, as does a marker the disk did not take.
     pub fn ack_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
         let mut meta = lock(&self.meta);
+        let mut sealed = Vec::new();
         for r in runs {
             let id = (r.class, r.block);
             if !meta.partial.contains_key(&id)
@@ -985,48 +1116,82 @@ impl Store {
                 .partial
                 .entry(id)
                 .or_insert_with(|| Acked::new(r.block_len, r.block_bytes));
+            if set.complete() {
+                continue;
+            }
             let newly = set.insert_run(r.first, r.len.min(r.block_len - r.first.min(r.block_len)));
+            if set.complete() {
+                set.bits = Vec::new();
+                sealed.push(id);
+            }
             let newly = u64::from(newly);
             meta.partial_events += newly;
             if r.class == Class::Telemetry {
                 meta.partial_telemetry += newly;
             }
         }
-        if let Err(error) = self.delete_acked(&mut meta) {
-            tracing::debug!(%error, "acknowledged blocks stay in memory until the store takes writes");
+        if !sealed.is_empty() {
+            // One insert per marker, not a batch: sled writes out its log buffer for every
+            // batch, and markers need no atomicity among themselves.
+            let result = self.write(&mut meta, |m| {
+                for (class, block) in &sealed {
+                    let a = &m.partial[&(*class, *block)];
+                    let mut v = [0u8; 8];
+                    v[..4].copy_from_slice(&a.len.to_be_bytes());
+                    v[4..].copy_from_slice(&a.bytes.to_be_bytes());
+                    self.sled.tree.insert(&marker(*class, *block)[..], &v[..])?;
+                }
+                Ok(())
+            });
+            if let Err(error) = result {
+                tracing::debug!(%error, "acknowledgement markers not written; a restart would send those blocks again");
+            }
+            meta.complete.extend(sealed);
         }
         Ok(())
     }
 
-    /// Deletes the blocks whose events are all acknowledged (not flushed).
-    fn delete_acked(&self, meta: &mut Meta) -> Result<(), StoreError> {
-        let done: Vec<(Class, u64)> = meta
-            .partial
-            .iter()
-            .filter(|(_, a)| a.complete())
-            .map(|(id, _)| *id)
-            .collect();
-        if done.is_empty() {
+    /// Wholly acknowledged blocks waiting to be deleted.
+    pub fn reclaimable(&self) -> usize {
+        lock(&self.meta).complete.len()
+    }
+
+    /// Deletes up to `max` wholly acknowledged blocks (the longest acknowledged first) with
+    /// their markers, in one batch; returns how many still wait. Not flushed: a crash before
+    /// the next flush leaves them marked, and they are deleted after the restart.
+    pub fn reclaim(&self, max: usize) -> Result<usize, StoreError> {
+        let mut meta = lock(&self.meta);
+        self.reclaim_locked(&mut meta, max)?;
+        Ok(meta.complete.len())
+    }
+
+    fn reclaim_locked(&self, meta: &mut Meta, max: usize) -> Result<(), StoreError> {
+        let take = max.min(meta.complete.len());
+        if take == 0 {
             return Ok(());
         }
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
         let mut batch = sled::Batch::default();
-        for (class, block) in &done {
-            let a = &meta.partial[&(*class, *block)];
-            bytes = bytes.saturating_sub(a.bytes as u64);
-            n_events = n_events.saturating_sub(a.count as u64);
-            if *class == Class::Telemetry {
-                n_tel = n_tel.saturating_sub(a.count as u64);
+        for id in meta.complete.iter().take(take) {
+            // Gone from `partial`: dropped by the bound meanwhile.
+            let Some(a) = meta.partial.get(id) else {
+                continue;
+            };
+            bytes = bytes.saturating_sub(u64::from(a.bytes));
+            n_events = n_events.saturating_sub(u64::from(a.count));
+            if id.0 == Class::Telemetry {
+                n_tel = n_tel.saturating_sub(u64::from(a.count));
             }
-            batch.remove(&key(*class, *block)[..]);
+            batch.remove(&key(id.0, id.1)[..]);
+            batch.remove(&marker(id.0, id.1)[..]);
         }
         batch.insert(M_BYTES, &bytes.to_be_bytes());
         batch.insert(M_EVENTS, &n_events.to_be_bytes());
         batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
         self.write(meta, |_| Ok(self.sled.tree.apply_batch(batch)?))?;
-        for id in done {
+        for id in meta.complete.drain(..take).collect::<Vec<_>>() {
             if let Some(a) = meta.partial.remove(&id) {
-                let n = a.count as u64;
+                let n = u64::from(a.count);
                 meta.partial_events -= n;
                 if id.0 == Class::Telemetry {
                     meta.partial_telemetry -= n;
@@ -1068,21 +1233,8 @@ impl Store {
 
     /// Current counters.
     pub fn stats(&self) -> Stats {
-        let meta = lock(&self.meta);
-        let oldest = |class: Class| -> Option<u64> {
-            let (k, v) = self
-                .sled
-                .tree
-                .range(key(class, 0)..key(class, meta.next_seq))
-                .next()?
-                .ok()?;
-            let acked = meta.partial.get(&(class, seq_of(&k)));
-            let first = block_events(&v)
-                .enumerate()
-                .find(|(i, _)| acked.is_none_or(|a| !a.contains(*i as u32)))
-                .map(|(_, (s, _, _))| s);
-            first
-        };
+        let mut meta = lock(&self.meta);
+        let mut oldest = |class| self.oldest(&mut meta, class).ok().flatten();
         let oldest_seq = match (oldest(Class::Keep), oldest(Class::Telemetry)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1095,6 +1247,27 @@ impl Store {
             oldest_seq,
             dropped: meta.dropped,
         }
+    }
+
+    /// The oldest unacknowledged seq of `class`.
+    fn oldest(&self, meta: &mut Meta, class: Class) -> Result<Option<u64>, StoreError> {
+        let from = self.front(meta, class)?;
+        let start = self.first_block(class, from)?;
+        let Some(item) = self
+            .sled
+            .tree
+            .range(start..key(class, meta.next_seq))
+            .next()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = item?;
+        let acked = meta.partial.get(&(class, seq_of(&k)));
+        let first = block_events(&v)
+            .enumerate()
+            .find(|(i, (seq, _, _))| *seq >= from && acked.is_none_or(|a| !a.contains(*i as u32)))
+            .map(|(_, (seq, _, _))| seq);
+        Ok(first)
     }
 
     /// Reads a small record (command outcomes, config versions) by key.

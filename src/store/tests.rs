@@ -257,6 +257,7 @@ proptest::proptest! {
         later in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 1..40), 0..6),
         sizes in proptest::collection::vec(1usize..50, 1..20),
         ack_every in 1usize..5,
+        reclaim_first in 0usize..4,
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
@@ -264,7 +265,9 @@ proptest::proptest! {
         // Some events acknowledged before the reader starts (partial blocks).
         let pre: Vec<EventRef> = s.read_from(0, usize::MAX).expect("read").iter()
             .map(|e| e.at).step_by(ack_every + 1).collect();
-        s.ack(&pre).expect("ack");
+        // Wholly acknowledged blocks wait for reclaim (some of them deleted already).
+        s.ack_runs(&runs(&pre)).expect("ack");
+        s.reclaim(reclaim_first).expect("reclaim");
         let expected_first: Vec<u64> = s.read_from(0, usize::MAX).expect("read").iter().map(Stored::seq).collect();
         let mut reader = Reader::new(0);
         let mut got = Vec::new();
@@ -322,6 +325,114 @@ proptest::proptest! {
         proptest::prop_assert_eq!(sa.stats().events, 0);
         proptest::prop_assert_eq!(sa.stats().bytes, 0);
     }
+}
+
+#[test]
+fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bytes_all, second) = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        s.commit(&[counter(1), counter(2), telemetry(3)], &[])
+            .expect("commit");
+        s.commit(&[counter(4), counter(5)], &[]).expect("commit");
+        let bytes_all = s.stats().bytes;
+        let all = s.read_from(0, 10).expect("read");
+        // The first commit's blocks wholly, one event of the second.
+        let acked: Vec<EventRef> = all.iter().take(4).map(|e| e.at).collect();
+        s.ack_runs(&runs(&acked)).expect("ack");
+        assert_eq!(s.reclaimable(), 2, "two blocks wholly acknowledged");
+        let st = s.stats();
+        assert_eq!(st.events, 1);
+        assert_eq!(st.bytes, bytes_all, "nothing deleted yet");
+        assert_eq!(st.oldest_seq, Some(5));
+        let left: Vec<u64> = s
+            .read_from(0, 10)
+            .expect("read")
+            .iter()
+            .map(Stored::seq)
+            .collect();
+        assert_eq!(left, vec![5]);
+        let mut reader = Reader::new(0);
+        let read: Vec<u64> = reader
+            .read(&s, 10)
+            .expect("read")
+            .iter()
+            .map(Stored::seq)
+            .collect();
+        assert_eq!(read, vec![5]);
+        s.flush().expect("flush");
+        (bytes_all, all[3].at.block_bytes as u64)
+    };
+    // After a restart the marked blocks stay acknowledged; the partly acknowledged block is
+    // sent again whole.
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    assert_eq!(s.reclaimable(), 2);
+    let st = s.stats();
+    assert_eq!(st.events, 2);
+    assert_eq!(st.oldest_seq, Some(4));
+    assert_eq!(st.bytes, bytes_all);
+    let left: Vec<u64> = s
+        .read_from(0, 10)
+        .expect("read")
+        .iter()
+        .map(Stored::seq)
+        .collect();
+    assert_eq!(left, vec![4, 5]);
+    assert_eq!(
+        s.reclaim(1).expect("reclaim"),
+        1,
+        "one block deleted, one waits"
+    );
+    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
+    let st = s.stats();
+    assert_eq!(st.bytes, second, "only the unacknowledged block is left");
+    assert_eq!(st.events, 2);
+    drop(s);
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    assert_eq!(s.reclaimable(), 0, "markers are deleted with their blocks");
+    assert_eq!(s.stats().bytes, second);
+    assert_eq!(s.stats().events, 2);
+}
+
+#[test]
+fn the_bound_deletes_acknowledged_blocks_before_dropping_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 16 << 10).expect("open");
+    let batch =
+        |round: u64| -> Vec<Event> { (0..20).map(|i| telemetry(round * 100 + i)).collect() };
+    let mut round = 0;
+    // Fill to just under the bound, everything acknowledged but not deleted.
+    while s.stats().bytes < 12 << 10 {
+        s.commit(&batch(round), &[]).expect("commit");
+        round += 1;
+    }
+    // Everything acknowledged but the oldest commit, which a plain oldest-first shed would
+    // drop.
+    let all: Vec<EventRef> = s
+        .read_from(0, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|e| e.at)
+        .collect();
+    let acked: Vec<EventRef> = all.iter().filter(|e| e.seq > 20).copied().collect();
+    s.ack_runs(&runs(&acked)).expect("ack");
+    assert!(s.reclaimable() > 0);
+    // Beyond the bound: the acknowledged blocks make the room, nothing is lost.
+    for _ in 0..4 {
+        s.commit(&batch(round), &[]).expect("commit");
+        round += 1;
+    }
+    let st = s.stats();
+    assert!(st.bytes <= 16 << 10, "bound holds: {}", st.bytes);
+    assert_eq!(st.dropped, 0, "no unacknowledged event was dropped");
+    assert_eq!(st.events, 100);
+    let left = s.read_from(0, usize::MAX).expect("read");
+    assert_eq!(left.len(), 100);
+    assert_eq!(left[0].seq(), 1, "the oldest unacknowledged commit is kept");
+    assert!(
+        s.reclaimable() < all.len(),
+        "acknowledged blocks were deleted"
+    );
 }
 
 #[test]

@@ -279,8 +279,13 @@ impl Uplink {
     /// One session; PUBACKed events are removed from the store by an [`Acker`] beside it, which
     /// has finished before the next session reads the store again.
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
-        let acker = Acker::start(self.store.clone(), self.cfg.max_inflight as usize * 4);
-        let result = self.session_with(shutdown, &acker).await;
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let acker = Acker::start(
+            self.store.clone(),
+            self.cfg.max_inflight as usize * 4,
+            caught_up.clone(),
+        );
+        let result = self.session_with(shutdown, &acker, caught_up).await;
         let acked = acker.finish().await;
         result.and(acked)
     }
@@ -289,6 +294,7 @@ impl Uplink {
         &mut self,
         shutdown: &CancellationToken,
         acker: &Acker,
+        caught_up: Arc<AtomicBool>,
     ) -> Result<(), UplinkError> {
         let opts = self.options()?;
         // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
@@ -339,6 +345,7 @@ impl Uplink {
             self.gateway.clone(),
             self.cfg.max_batch,
             window,
+            caught_up,
         );
         let mut draining: Option<Instant> = None;
         loop {
@@ -478,19 +485,58 @@ impl Uplink {
     }
 }
 
-/// Removes PUBACKed events from the store in a task of its own, so that the session goes on
+/// Wholly acknowledged blocks that may wait for deletion while a backlog drains (a few dozen
+/// bytes of memory each); beyond, they are deleted as they complete.
+const RECLAIM_DEFER_MAX: usize = 4096;
+/// Blocks deleted per store operation (the store is locked meanwhile).
+const RECLAIM_CHUNK: usize = 64;
+
+/// Records PUBACKed events in the store on a thread of its own, so that the session goes on
 /// with the next PUBACK meanwhile; what queued up is acknowledged in one store operation. The
 /// queue is bounded: a session whose acker is behind waits for it.
+///
+/// Deleting acknowledged blocks costs far more than acknowledging them (see the store), and
+/// while a backlog drains it would compete with the drain for a small box's CPU. So blocks are
+/// deleted once the session has caught up with the store (`caught_up`), in chunks between
+/// acknowledgements, or when more than [`RECLAIM_DEFER_MAX`] wait.
 struct Acker {
     tx: mpsc::Sender<(Vec<Run>, u64)>,
     task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
 }
 
 impl Acker {
-    fn start(store: Arc<Store>, depth: usize) -> Acker {
+    fn start(store: Arc<Store>, depth: usize, caught_up: Arc<AtomicBool>) -> Acker {
         let (tx, mut rx) = mpsc::channel::<(Vec<Run>, u64)>(depth.max(1));
-        let task = tokio::spawn(async move {
-            while let Some((mut runs, mut events)) = rx.recv().await {
+        let rt = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut waiting = store.reclaimable();
+            loop {
+                let next = if waiting > 0 {
+                    // Blocks wait: delete a chunk whenever the session is caught up and no
+                    // acknowledgement is queued.
+                    match rx.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            if caught_up.load(Ordering::SeqCst) {
+                                waiting = store.reclaim(RECLAIM_CHUNK)?;
+                                continue;
+                            }
+                            match rt.block_on(tokio::time::timeout(
+                                Duration::from_millis(100),
+                                rx.recv(),
+                            )) {
+                                Ok(item) => item,
+                                Err(_) => continue,
+                            }
+                        }
+                    }
+                } else {
+                    rx.blocking_recv()
+                };
+                let Some((mut runs, mut events)) = next else {
+                    break;
+                };
                 let mut publishes = 1;
                 while let Ok((more, n)) = rx.try_recv() {
                     runs.extend(more);
@@ -500,6 +546,10 @@ impl Acker {
                 store.ack_runs(&runs)?;
                 crate::metrics::PUBLISHES.add(publishes);
                 crate::metrics::EVENTS_ACKED.add(events);
+                waiting = store.reclaimable();
+                if waiting > RECLAIM_DEFER_MAX {
+                    waiting = store.reclaim(RECLAIM_CHUNK)?;
+                }
             }
             Ok(())
         });
@@ -617,35 +667,48 @@ struct Prefetch {
     rx: mpsc::Receiver<Result<Prepared, UplinkError>>,
     /// The last read found nothing more to send.
     idle: Arc<AtomicBool>,
-    _task: AbortOnDrop,
+    /// Detached: the thread ends once the receiver is dropped.
+    _task: tokio::task::JoinHandle<()>,
 }
 
 impl Prefetch {
-    fn start(store: Arc<Store>, gateway: String, max_batch: usize, window: usize) -> Prefetch {
+    fn start(
+        store: Arc<Store>,
+        gateway: String,
+        max_batch: usize,
+        window: usize,
+        idle: Arc<AtomicBool>,
+    ) -> Prefetch {
         let (tx, rx) = mpsc::channel(window.max(1));
-        let idle = Arc::new(AtomicBool::new(false));
         let flag = idle.clone();
         let empty = payload(&gateway, []);
-        let task = tokio::spawn(async move {
+        // Reading and framing run on a blocking thread, like the acker's deletes.
+        let rt = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
             let mut reader = Reader::new(0);
-            loop {
+            while !tx.is_closed() {
                 flag.store(false, Ordering::SeqCst);
                 let prepared = match frame(&store, &mut reader, &empty, max_batch) {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = tx.blocking_send(Err(e.into()));
                         return;
                     }
                 };
                 if prepared.is_empty() {
                     flag.store(true, Ordering::SeqCst);
                     // A commit stores a wake-up even when nobody waits yet; the timeout is a
-                    // safety net only.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), store.committed()).await;
+                    // safety net only (and how a closed session is noticed while idle).
+                    rt.block_on(async {
+                        tokio::select! {
+                            _ = tokio::time::timeout(Duration::from_secs(1), store.committed()) => {}
+                            _ = tx.closed() => {}
+                        }
+                    });
                     continue;
                 }
                 for p in prepared {
-                    if tx.send(Ok(p)).await.is_err() {
+                    if tx.blocking_send(Ok(p)).is_err() {
                         return;
                     }
                 }
@@ -654,7 +717,7 @@ impl Prefetch {
         Prefetch {
             rx,
             idle,
-            _task: AbortOnDrop(task),
+            _task: task,
         }
     }
 

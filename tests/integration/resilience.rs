@@ -220,6 +220,16 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
             .is_some(),
         "store drained"
     );
+    // The acknowledged blocks were kept (marked) while the backlog drained, and deleted once
+    // the uplink caught up.
+    assert!(
+        gw.wait_metric("floorgate_store_bytes", Duration::from_secs(10), |v| v
+            == 0.0)
+            .await
+            .is_some(),
+        "acknowledged blocks deleted after the drain\n{}",
+        gw.log()
+    );
     stop.cancel();
 }
 
