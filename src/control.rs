@@ -217,6 +217,7 @@ pub fn buffer_stats(store: &Store) -> Value {
     json!({
         "events": st.events, "telemetry": st.telemetry, "bytes": st.bytes,
         "oldest_seq": st.oldest_seq, "oldest_age_ms": oldest_age_ms(store), "next_seq": st.next_seq,
+        "acknowledged_blocks_to_delete": store.reclaimable(),
     })
 }
 

@@ -491,6 +491,18 @@ const RECLAIM_DEFER_MAX: usize = 4096;
 /// Blocks deleted per store operation (the store is locked meanwhile).
 const RECLAIM_CHUNK: usize = 64;
 
+/// Deletes a chunk of acknowledged blocks; returns how many still wait, or 0 when the store does
+/// not take the delete now (a full disk): they wait for the next acknowledgement, marked.
+fn reclaim_some(store: &Store) -> usize {
+    match store.reclaim(RECLAIM_CHUNK) {
+        Ok(waiting) => waiting,
+        Err(error) => {
+            tracing::debug!(%error, "acknowledged blocks stay marked until the store takes the delete");
+            0
+        }
+    }
+}
+
 /// Records PUBACKed events in the store on a thread of its own, so that the session goes on
 /// with the next PUBACK meanwhile; what queued up is acknowledged in one store operation. The
 /// queue is bounded: a session whose acker is behind waits for it.
@@ -519,7 +531,7 @@ impl Acker {
                         Err(mpsc::error::TryRecvError::Disconnected) => None,
                         Err(mpsc::error::TryRecvError::Empty) => {
                             if caught_up.load(Ordering::SeqCst) {
-                                waiting = store.reclaim(RECLAIM_CHUNK)?;
+                                waiting = reclaim_some(&store);
                                 continue;
                             }
                             match rt.block_on(tokio::time::timeout(
@@ -548,7 +560,7 @@ impl Acker {
                 crate::metrics::EVENTS_ACKED.add(events);
                 waiting = store.reclaimable();
                 if waiting > RECLAIM_DEFER_MAX {
-                    waiting = store.reclaim(RECLAIM_CHUNK)?;
+                    waiting = reclaim_some(&store);
                 }
             }
             Ok(())
@@ -564,7 +576,7 @@ impl Acker {
             .map_err(|_| UplinkError::Session("acknowledging in the store failed".into()))
     }
 
-    /// Waits until everything queued is removed.
+    /// Waits until everything queued is recorded in the store.
     async fn finish(self) -> Result<(), UplinkError> {
         drop(self.tx);
         match self.task.await {
