@@ -374,6 +374,27 @@ fn marker(class: Class, block: u64) -> [u8; 10] {
     k
 }
 
+/// Adds the deletion of the marked block `id` (block and marker) to `batch` and takes it out of
+/// the counters (bytes, events, telemetry); returns its events, or `None` when it is gone from
+/// `partial` already (dropped by the bound).
+fn delete_marked(
+    meta: &Meta,
+    id: &(Class, u64),
+    batch: &mut sled::Batch,
+    (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
+) -> Option<u64> {
+    let a = meta.partial.get(id)?;
+    let n = u64::from(a.count);
+    *bytes = bytes.saturating_sub(u64::from(a.bytes));
+    *events = events.saturating_sub(n);
+    if id.0 == Class::Telemetry {
+        *telemetry = telemetry.saturating_sub(n);
+    }
+    batch.remove(&key(id.0, id.1)[..]);
+    batch.remove(&marker(id.0, id.1)[..]);
+    Some(n)
+}
+
 fn class_index(class: Class) -> usize {
     match class {
         Class::Keep => 0,
@@ -799,18 +820,11 @@ impl Store {
                 if bytes <= target {
                     break;
                 }
-                let Some(a) = meta.partial.get(id) else {
-                    continue;
-                };
-                bytes = bytes.saturating_sub(u64::from(a.bytes));
-                n_events = n_events.saturating_sub(u64::from(a.count));
-                if id.0 == Class::Telemetry {
-                    n_tel = n_tel.saturating_sub(u64::from(a.count));
+                let counts = (&mut bytes, &mut n_events, &mut n_tel);
+                if let Some(n) = delete_marked(meta, id, &mut batch, counts) {
+                    forget.push((*id, n));
+                    reclaimed.insert(*id);
                 }
-                batch.remove(&key(id.0, id.1)[..]);
-                batch.remove(&marker(id.0, id.1)[..]);
-                forget.push((*id, u64::from(a.count)));
-                reclaimed.insert(*id);
             }
             for class in [Class::Telemetry, Class::Keep] {
                 for item in self.sled.tree.scan_prefix([prefix(class)]) {
@@ -1173,17 +1187,8 @@ impl Store {
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
         let mut batch = sled::Batch::default();
         for id in meta.complete.iter().take(take) {
-            // Gone from `partial`: dropped by the bound meanwhile.
-            let Some(a) = meta.partial.get(id) else {
-                continue;
-            };
-            bytes = bytes.saturating_sub(u64::from(a.bytes));
-            n_events = n_events.saturating_sub(u64::from(a.count));
-            if id.0 == Class::Telemetry {
-                n_tel = n_tel.saturating_sub(u64::from(a.count));
-            }
-            batch.remove(&key(id.0, id.1)[..]);
-            batch.remove(&marker(id.0, id.1)[..]);
+            let counts = (&mut bytes, &mut n_events, &mut n_tel);
+            delete_marked(meta, id, &mut batch, counts);
         }
         batch.insert(M_BYTES, &bytes.to_be_bytes());
         batch.insert(M_EVENTS, &n_events.to_be_bytes());

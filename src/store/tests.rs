@@ -327,6 +327,23 @@ proptest::proptest! {
     }
 }
 
+/// Opens the store in `dir` again. sled's I/O threads let go of the directory lock a moment
+/// after the previous instance was dropped.
+fn reopen(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(dir, 1 << 20, 1 << 30) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+fn seqs(events: &[Stored]) -> Vec<u64> {
+    events.iter().map(Stored::seq).collect()
+}
+
 #[test]
 fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -345,38 +362,23 @@ fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_resta
         assert_eq!(st.events, 1);
         assert_eq!(st.bytes, bytes_all, "nothing deleted yet");
         assert_eq!(st.oldest_seq, Some(5));
-        let left: Vec<u64> = s
-            .read_from(0, 10)
-            .expect("read")
-            .iter()
-            .map(Stored::seq)
-            .collect();
+        let left: Vec<u64> = seqs(&s.read_from(0, 10).expect("read"));
         assert_eq!(left, vec![5]);
         let mut reader = Reader::new(0);
-        let read: Vec<u64> = reader
-            .read(&s, 10)
-            .expect("read")
-            .iter()
-            .map(Stored::seq)
-            .collect();
+        let read: Vec<u64> = seqs(&reader.read(&s, 10).expect("read"));
         assert_eq!(read, vec![5]);
         s.flush().expect("flush");
         (bytes_all, all[3].at.block_bytes as u64)
     };
     // After a restart the marked blocks stay acknowledged; the partly acknowledged block is
     // sent again whole.
-    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    let s = reopen(dir.path());
     assert_eq!(s.reclaimable(), 2);
     let st = s.stats();
     assert_eq!(st.events, 2);
     assert_eq!(st.oldest_seq, Some(4));
     assert_eq!(st.bytes, bytes_all);
-    let left: Vec<u64> = s
-        .read_from(0, 10)
-        .expect("read")
-        .iter()
-        .map(Stored::seq)
-        .collect();
+    let left: Vec<u64> = seqs(&s.read_from(0, 10).expect("read"));
     assert_eq!(left, vec![4, 5]);
     assert_eq!(
         s.reclaim(1).expect("reclaim"),
@@ -387,8 +389,9 @@ fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_resta
     let st = s.stats();
     assert_eq!(st.bytes, second, "only the unacknowledged block is left");
     assert_eq!(st.events, 2);
+    s.flush().expect("flush");
     drop(s);
-    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("reopen");
+    let s = reopen(dir.path());
     assert_eq!(s.reclaimable(), 0, "markers are deleted with their blocks");
     assert_eq!(s.stats().bytes, second);
     assert_eq!(s.stats().events, 2);
