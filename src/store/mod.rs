@@ -376,23 +376,30 @@ fn marker(class: Class, block: u64) -> [u8; 10] {
 
 /// Adds the deletion of the marked block `id` (block and marker) to `batch` and takes it out of
 /// the counters (bytes, events, telemetry); returns its events, or `None` when it is gone from
-/// `partial` already (dropped by the bound).
+/// `partial` already (dropped by the bound). A marker whose block is gone (an older version
+/// deleted the block and kept the marker) is only removed: the counters no longer hold it.
 fn delete_marked(
+    tree: &sled::Tree,
     meta: &Meta,
     id: &(Class, u64),
     batch: &mut sled::Batch,
     (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
-) -> Option<u64> {
-    let a = meta.partial.get(id)?;
+) -> Result<Option<u64>, StoreError> {
+    let Some(a) = meta.partial.get(id) else {
+        return Ok(None);
+    };
     let n = u64::from(a.count);
+    batch.remove(&marker(id.0, id.1)[..]);
+    if !tree.contains_key(key(id.0, id.1))? {
+        return Ok(Some(n));
+    }
     *bytes = bytes.saturating_sub(u64::from(a.bytes));
     *events = events.saturating_sub(n);
     if id.0 == Class::Telemetry {
         *telemetry = telemetry.saturating_sub(n);
     }
     batch.remove(&key(id.0, id.1)[..]);
-    batch.remove(&marker(id.0, id.1)[..]);
-    Some(n)
+    Ok(Some(n))
 }
 
 fn class_index(class: Class) -> usize {
@@ -821,7 +828,7 @@ impl Store {
                     break;
                 }
                 let counts = (&mut bytes, &mut n_events, &mut n_tel);
-                if let Some(n) = delete_marked(meta, id, &mut batch, counts) {
+                if let Some(n) = delete_marked(&self.sled.tree, meta, id, &mut batch, counts)? {
                     forget.push((*id, n));
                     reclaimed.insert(*id);
                 }
@@ -1109,7 +1116,11 @@ impl Store {
     /// Records PUBACKed events and deletes the blocks they complete (see [`Store::ack_runs`]).
     pub fn ack(&self, events: &[EventRef]) -> Result<(), StoreError> {
         self.ack_runs(&runs(events))?;
-        self.reclaim(usize::MAX).map(|_| ())
+        match self.reclaim(usize::MAX) {
+            // Below `min_free`: the blocks stay marked and are deleted later.
+            Ok(_) | Err(StoreError::DiskFull { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Records PUBACKed runs of events. Events already dropped are skipped. A block whose
@@ -1188,7 +1199,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         for id in meta.complete.iter().take(take) {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
-            delete_marked(meta, id, &mut batch, counts);
+            delete_marked(&self.sled.tree, meta, id, &mut batch, counts)?;
         }
         batch.insert(M_BYTES, &bytes.to_be_bytes());
         batch.insert(M_EVENTS, &n_events.to_be_bytes());
@@ -1245,8 +1256,9 @@ impl Store {
             (a, b) => a.or(b),
         };
         Stats {
-            events: meta.events - meta.partial_events,
-            telemetry: meta.telemetry - meta.partial_telemetry,
+            // Saturating: markers left by an older version count until they are reclaimed.
+            events: meta.events.saturating_sub(meta.partial_events),
+            telemetry: meta.telemetry.saturating_sub(meta.partial_telemetry),
             bytes: meta.bytes,
             next_seq: meta.next_seq,
             oldest_seq,

@@ -398,6 +398,43 @@ fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_resta
 }
 
 #[test]
+fn a_marker_an_older_version_left_without_its_block_is_dropped_without_touching_the_counters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let last_block_bytes = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        s.commit(&[counter(1), counter(2)], &[]).expect("commit");
+        s.commit(&[counter(3)], &[]).expect("commit");
+        let all: Vec<EventRef> = s
+            .read_from(0, 10)
+            .expect("read")
+            .iter()
+            .map(|e| e.at)
+            .collect();
+        s.ack_runs(&runs(&all[..2])).expect("ack");
+        // What an older version does: delete the block and count it out, keep the marker.
+        let mut b = sled::Batch::default();
+        b.remove(&key(all[0].class, all[0].block)[..]);
+        b.insert(M_EVENTS, &1u64.to_be_bytes());
+        b.insert(M_BYTES, &u64::from(all[2].block_bytes).to_be_bytes());
+        s.sled.tree.apply_batch(b).expect("batch");
+        s.flush().expect("flush");
+        u64::from(all[2].block_bytes)
+    };
+    let s = reopen(dir.path());
+    assert_eq!(s.reclaimable(), 1);
+    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
+    let st = s.stats();
+    assert_eq!(st.events, 1);
+    assert_eq!(st.bytes, last_block_bytes);
+    assert_eq!(seqs(&s.read_from(0, 10).expect("read")), vec![3]);
+    s.flush().expect("flush");
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.reclaimable(), 0, "the orphaned marker is gone");
+    assert_eq!(s.stats().events, 1);
+}
+
+#[test]
 fn the_bound_deletes_acknowledged_blocks_before_dropping_anything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Store::open(dir.path(), 1 << 20, 16 << 10).expect("open");

@@ -559,7 +559,7 @@ impl Acker {
                 crate::metrics::PUBLISHES.add(publishes);
                 crate::metrics::EVENTS_ACKED.add(events);
                 waiting = store.reclaimable();
-                if waiting > RECLAIM_DEFER_MAX {
+                while waiting > RECLAIM_DEFER_MAX {
                     waiting = reclaim_some(&store);
                 }
             }
@@ -711,10 +711,14 @@ impl Prefetch {
                     flag.store(true, Ordering::SeqCst);
                     // A commit stores a wake-up even when nobody waits yet; the timeout is a
                     // safety net only (and how a closed session is noticed while idle).
+                    if tx.is_closed() {
+                        return;
+                    }
                     rt.block_on(async {
                         tokio::select! {
-                            _ = tokio::time::timeout(Duration::from_secs(1), store.committed()) => {}
+                            biased;
                             _ = tx.closed() => {}
+                            _ = tokio::time::timeout(Duration::from_secs(1), store.committed()) => {}
                         }
                     });
                     continue;
