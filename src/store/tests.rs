@@ -36,12 +36,7 @@ fn seqs_increase_and_are_never_reused_after_reopen() {
         let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
         let r = s.commit(&[counter(1), counter(2)], &[]).expect("commit");
         assert_eq!(r, 1..3);
-        let all: Vec<EventRef> = s
-            .read_from(0, 10)
-            .expect("read")
-            .iter()
-            .map(|e| e.at)
-            .collect();
+        let all = refs(&s.read_from(0, 10).expect("read"));
         s.ack(&all).expect("ack");
         r
     };
@@ -340,6 +335,10 @@ fn reopen(dir: &std::path::Path) -> Store {
     }
 }
 
+fn refs(events: &[Stored]) -> Vec<EventRef> {
+    events.iter().map(|e| e.at).collect()
+}
+
 fn seqs(events: &[Stored]) -> Vec<u64> {
     events.iter().map(Stored::seq).collect()
 }
@@ -404,12 +403,7 @@ fn a_marker_an_older_version_left_without_its_block_is_dropped_without_touching_
         let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
         s.commit(&[counter(1), counter(2)], &[]).expect("commit");
         s.commit(&[counter(3)], &[]).expect("commit");
-        let all: Vec<EventRef> = s
-            .read_from(0, 10)
-            .expect("read")
-            .iter()
-            .map(|e| e.at)
-            .collect();
+        let all = refs(&s.read_from(0, 10).expect("read"));
         s.ack_runs(&runs(&all[..2])).expect("ack");
         // What an older version does: delete the block and count it out, keep the marker.
         let mut b = sled::Batch::default();
@@ -448,12 +442,7 @@ fn the_bound_deletes_acknowledged_blocks_before_dropping_anything() {
     }
     // Everything acknowledged but the oldest commit, which a plain oldest-first shed would
     // drop.
-    let all: Vec<EventRef> = s
-        .read_from(0, usize::MAX)
-        .expect("read")
-        .iter()
-        .map(|e| e.at)
-        .collect();
+    let all = refs(&s.read_from(0, usize::MAX).expect("read"));
     let acked: Vec<EventRef> = all.iter().filter(|e| e.seq > 20).copied().collect();
     s.ack_runs(&runs(&acked)).expect("ack");
     assert!(s.reclaimable() > 0);
