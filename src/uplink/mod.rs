@@ -523,28 +523,23 @@ impl Acker {
         let task = tokio::task::spawn_blocking(move || {
             let mut waiting = store.reclaimable();
             loop {
-                let next = if waiting > 0 {
-                    // Blocks wait: delete a chunk whenever the session is caught up and no
-                    // acknowledgement is queued.
-                    match rx.try_recv() {
-                        Ok(item) => Some(item),
-                        Err(mpsc::error::TryRecvError::Disconnected) => None,
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            if caught_up.load(Ordering::SeqCst) {
-                                waiting = reclaim_some(&store);
-                                continue;
-                            }
-                            match rt.block_on(tokio::time::timeout(
-                                Duration::from_millis(100),
-                                rx.recv(),
-                            )) {
-                                Ok(item) => item,
-                                Err(_) => continue,
-                            }
+                // While blocks wait, delete a chunk whenever the session is caught up and no
+                // acknowledgement is queued; otherwise look again every 100 ms.
+                let next = match rx.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(_) if waiting > 0 && caught_up.load(Ordering::SeqCst) => {
+                        waiting = reclaim_some(&store);
+                        continue;
+                    }
+                    Err(_) if waiting > 0 => {
+                        let wait = tokio::time::timeout(Duration::from_millis(100), rx.recv());
+                        match rt.block_on(wait) {
+                            Ok(item) => item,
+                            Err(_) => continue,
                         }
                     }
-                } else {
-                    rx.blocking_recv()
+                    Err(_) => rx.blocking_recv(),
                 };
                 let Some((mut runs, mut events)) = next else {
                     break;

@@ -205,12 +205,7 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         seqs.last().unwrap() - seqs.first().unwrap() + 1,
         "apply and rollback lose no seq"
     );
-    let hist = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
-        .args(["config", "history", "--json", "--config"])
-        .arg(&gw.config_path)
-        .output()
-        .unwrap();
-    let h: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap_or_default();
+    let h = config_history(&gw.config_path);
     let statuses: Vec<(u64, String)> = h["history"]
         .as_array()
         .unwrap()
@@ -246,12 +241,7 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         )
         .await
     );
-    let hist = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
-        .args(["config", "history", "--json", "--config"])
-        .arg(&gw.config_path)
-        .output()
-        .unwrap();
-    let h: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap_or_default();
+    let h = config_history(&gw.config_path);
     assert_eq!(h["current"], serde_json::Value::Null);
     stop.cancel();
 }
@@ -639,4 +629,14 @@ fn group_member(
         )
         .replace("include = [", &groups)
     })
+}
+
+/// `floorgate config history --json` for the gateway configured by `config`.
+fn config_history(config: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
+        .args(["config", "history", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
