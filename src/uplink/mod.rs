@@ -373,7 +373,7 @@ impl Uplink {
                 ev = events.next() => {
                     // Handle everything already available before refilling the window once.
                     let mut next = Some(ev);
-                    let mut acked = Vec::new();
+                    let mut acked = Acked::default();
                     while let Some(ev) = next {
                         match ev {
                             Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, &mut acked)?,
@@ -381,8 +381,8 @@ impl Uplink {
                         }
                         next = events.try_next();
                     }
-                    for (runs, n) in acked {
-                        acker.ack(runs, n).await?;
+                    if acked.publishes > 0 {
+                        acker.ack(acked).await?;
                     }
                 }
                 next = ahead.next(), if room => {
@@ -439,7 +439,7 @@ impl Uplink {
         ev: Event,
         unassigned: &mut VecDeque<Sent>,
         inflight: &mut HashMap<u16, (Sent, Instant)>,
-        acked: &mut Vec<(Vec<Run>, u64)>,
+        acked: &mut Acked,
     ) -> Result<(), UplinkError> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -469,7 +469,9 @@ impl Uplink {
                     .last_puback_ms
                     .store(crate::event::now_ms(), Ordering::Relaxed);
                 if let Sent::Events(runs, n) = sent {
-                    acked.push((runs, n));
+                    acked.runs.extend(runs);
+                    acked.events += n;
+                    acked.publishes += 1;
                 }
             }
 
@@ -490,6 +492,14 @@ impl Uplink {
 const RECLAIM_DEFER_MAX: usize = 4096;
 /// Blocks deleted per store operation (the store is locked meanwhile).
 const RECLAIM_CHUNK: usize = 64;
+
+/// The events of PUBACKed publishes, gathered for one store operation.
+#[derive(Debug, Default)]
+struct Acked {
+    runs: Vec<Run>,
+    events: u64,
+    publishes: u64,
+}
 
 /// Deletes a chunk of acknowledged blocks; returns how many still wait, or 0 when the store does
 /// not take the delete now (a full disk): they wait for the next acknowledgement, marked.
@@ -512,13 +522,13 @@ fn reclaim_some(store: &Store) -> usize {
 /// deleted once the session has caught up with the store (`caught_up`), in chunks between
 /// acknowledgements, or when more than [`RECLAIM_DEFER_MAX`] wait.
 struct Acker {
-    tx: mpsc::Sender<(Vec<Run>, u64)>,
+    tx: mpsc::Sender<Acked>,
     task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
 }
 
 impl Acker {
     fn start(store: Arc<Store>, depth: usize, caught_up: Arc<AtomicBool>) -> Acker {
-        let (tx, mut rx) = mpsc::channel::<(Vec<Run>, u64)>(depth.max(1));
+        let (tx, mut rx) = mpsc::channel::<Acked>(depth.max(1));
         let rt = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             let mut waiting = store.reclaimable();
@@ -541,18 +551,17 @@ impl Acker {
                     }
                     Err(_) => rx.blocking_recv(),
                 };
-                let Some((mut runs, mut events)) = next else {
+                let Some(mut acked) = next else {
                     break;
                 };
-                let mut publishes = 1;
-                while let Ok((more, n)) = rx.try_recv() {
-                    runs.extend(more);
-                    events += n;
-                    publishes += 1;
+                while let Ok(more) = rx.try_recv() {
+                    acked.runs.extend(more.runs);
+                    acked.events += more.events;
+                    acked.publishes += more.publishes;
                 }
-                store.ack_runs(&runs)?;
-                crate::metrics::PUBLISHES.add(publishes);
-                crate::metrics::EVENTS_ACKED.add(events);
+                store.ack_runs(&acked.runs)?;
+                crate::metrics::PUBLISHES.add(acked.publishes);
+                crate::metrics::EVENTS_ACKED.add(acked.events);
                 waiting = store.reclaimable();
                 while waiting > RECLAIM_DEFER_MAX {
                     waiting = reclaim_some(&store);
@@ -563,10 +572,10 @@ impl Acker {
         Acker { tx, task }
     }
 
-    /// Queues the events of a PUBACKed publish for removal.
-    async fn ack(&self, runs: Vec<Run>, events: u64) -> Result<(), UplinkError> {
+    /// Queues the events of PUBACKed publishes for the store.
+    async fn ack(&self, acked: Acked) -> Result<(), UplinkError> {
         self.tx
-            .send((runs, events))
+            .send(acked)
             .await
             .map_err(|_| UplinkError::Session("acknowledging in the store failed".into()))
     }
@@ -671,7 +680,10 @@ fn frame(
 /// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
 /// payloads, at most a window ahead of the session.
 struct Prefetch {
-    rx: mpsc::Receiver<Result<Prepared, UplinkError>>,
+    /// The publishes of one read at a time: one wake-up of the session per read, not per
+    /// publish.
+    rx: mpsc::Receiver<Result<Vec<Prepared>, UplinkError>>,
+    ready: VecDeque<Prepared>,
     /// The last read found nothing more to send.
     idle: Arc<AtomicBool>,
     /// Detached: the thread ends once the receiver is dropped.
@@ -686,7 +698,8 @@ impl Prefetch {
         window: usize,
         idle: Arc<AtomicBool>,
     ) -> Prefetch {
-        let (tx, rx) = mpsc::channel(window.max(1));
+        // A read yields up to 8 publishes (see `frame`).
+        let (tx, rx) = mpsc::channel(window.div_ceil(8).max(1));
         let flag = idle.clone();
         let empty = payload(&gateway, []);
         // Reading and framing run on a blocking thread, like the acker's deletes.
@@ -718,15 +731,14 @@ impl Prefetch {
                     });
                     continue;
                 }
-                for p in prepared {
-                    if tx.blocking_send(Ok(p)).is_err() {
-                        return;
-                    }
+                if tx.blocking_send(Ok(prepared)).is_err() {
+                    return;
                 }
             }
         });
         Prefetch {
             rx,
+            ready: VecDeque::new(),
             idle,
             _task: task,
         }
@@ -734,26 +746,36 @@ impl Prefetch {
 
     /// The next prepared publish (cancel-safe).
     async fn next(&mut self) -> Result<Prepared, UplinkError> {
-        match self.rx.recv().await {
-            Some(p) => p,
-            None => Err(UplinkError::Session("store reader stopped".into())),
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Ok(p);
+            }
+            match self.rx.recv().await {
+                Some(batch) => self.ready.extend(batch?),
+                None => return Err(UplinkError::Session("store reader stopped".into())),
+            }
         }
     }
 
     /// A prepared publish if one is ready now.
     fn try_next(&mut self) -> Result<Option<Prepared>, UplinkError> {
-        match self.rx.try_recv() {
-            Ok(p) => p.map(Some),
-            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                Err(UplinkError::Session("store reader stopped".into()))
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Ok(Some(p));
+            }
+            match self.rx.try_recv() {
+                Ok(batch) => self.ready.extend(batch?),
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(UplinkError::Session("store reader stopped".into()))
+                }
             }
         }
     }
 
     /// Everything stored has been handed over (nothing prepared, the reader found no more).
     fn caught_up(&self) -> bool {
-        self.rx.is_empty() && self.idle.load(Ordering::SeqCst)
+        self.ready.is_empty() && self.rx.is_empty() && self.idle.load(Ordering::SeqCst)
     }
 }
 
