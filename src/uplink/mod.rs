@@ -285,7 +285,14 @@ impl Uplink {
             self.cfg.max_inflight as usize * 4,
             caught_up.clone(),
         );
-        let result = self.session_with(shutdown, &acker, caught_up).await;
+        let mut ahead = None;
+        let result = self
+            .session_with(shutdown, &acker, caught_up, &mut ahead)
+            .await;
+        // Both threads end with the session: nothing holds the store afterwards.
+        if let Some(ahead) = ahead {
+            ahead.finish().await;
+        }
         let acked = acker.finish().await;
         result.and(acked)
     }
@@ -295,6 +302,7 @@ impl Uplink {
         shutdown: &CancellationToken,
         acker: &Acker,
         caught_up: Arc<AtomicBool>,
+        ahead: &mut Option<Prefetch>,
     ) -> Result<(), UplinkError> {
         let opts = self.options()?;
         // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
@@ -340,13 +348,13 @@ impl Uplink {
         };
         // Reading the store and framing payloads happen in a task of their own, a window ahead,
         // so that this task only hands publishes over and books PUBACKs.
-        let mut ahead = Prefetch::start(
+        let ahead = ahead.insert(Prefetch::start(
             self.store.clone(),
             self.gateway.clone(),
             self.cfg.max_batch,
             window,
             caught_up,
-        );
+        ));
         let mut draining: Option<Instant> = None;
         loop {
             // Keep the window full: everything still stored from the oldest seq, then new
@@ -686,8 +694,8 @@ struct Prefetch {
     ready: VecDeque<Prepared>,
     /// The last read found nothing more to send.
     idle: Arc<AtomicBool>,
-    /// Detached: the thread ends once the receiver is dropped.
-    _task: tokio::task::JoinHandle<()>,
+    /// The thread ends once the receiver is dropped (see [`Prefetch::finish`]).
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Prefetch {
@@ -740,7 +748,7 @@ impl Prefetch {
             rx,
             ready: VecDeque::new(),
             idle,
-            _task: task,
+            task,
         }
     }
 
@@ -771,6 +779,12 @@ impl Prefetch {
                 }
             }
         }
+    }
+
+    /// Stops the thread and waits for it.
+    async fn finish(self) {
+        drop(self.rx);
+        let _ = self.task.await;
     }
 
     /// Everything stored has been handed over (nothing prepared, the reader found no more).
