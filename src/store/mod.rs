@@ -1,14 +1,19 @@
 //! The durable queue of events and the devices' last snapshots. The only module that knows sled.
 //!
-//! One sled tree holds everything, so that one `Batch` commits events, snapshots and counters
-//! atomically; `flush()` is the durability point. Events are stored in blocks (one per commit
-//! and class, at most 1000 events): reading and deleting a backlog costs one sled operation per
-//! block, not per event.
+//! Events are stored in blocks (one per commit and class, at most 1000 events): reading and
+//! deleting a backlog costs one sled operation per block, not per event.
 //!
-//! Keys: `k`+first seq (block of kept events), `t`+first seq (block of telemetry, shed first),
-//! `a`+block key (marker: the block is wholly acknowledged), `s`+device (snapshot), `m`+name
-//! (meta: next seq, byte and event counts), `c`+id and `v`+name (small records: command
-//! outcomes, config versions).
+//! Two sled trees: `blocks` holds the event blocks, `floorgate` everything small. A commit
+//! changes both in one sled transaction, so events, snapshots and counters are committed
+//! atomically; `flush()` is the durability point. They are apart because sled rewrites a whole
+//! leaf every few updates of it: a counter or marker that shared a leaf with event blocks made
+//! every few commits rewrite up to 16 blocks (megabytes, written out as blob files).
+//!
+//! Keys in `blocks`: `k`+first seq (block of kept events), `t`+first seq (block of telemetry,
+//! shed first). In `floorgate`: `a`+block key (marker: the block is wholly acknowledged),
+//! `s`+device (snapshot), `m`+name (meta: next seq, byte and event counts), `c`+id and `v`+name
+//! (small records: command outcomes, config versions). Versions before the blocks tree kept the
+//! blocks in `floorgate` too; opening moves them (see `migrate_blocks`).
 //!
 //! Acknowledging is cheap, deleting is not: sled rewrites the node that holds a block, and
 //! with blocks of up to 256 KiB a node is large. So a wholly acknowledged block only gets a
@@ -313,11 +318,42 @@ pub struct Recovered {
     pub unwritable_ms: u64,
 }
 
-/// The open database and the one tree that holds everything.
+/// The open database and its two trees.
 #[derive(Debug)]
 struct Sled {
     db: sled::Db,
-    tree: sled::Tree,
+    /// Everything small: counters, markers, snapshots, records.
+    records: sled::Tree,
+    /// The event blocks.
+    blocks: sled::Tree,
+}
+
+/// Changes to both trees, applied together by [`Sled::apply`].
+#[derive(Debug, Default)]
+struct Change {
+    records: sled::Batch,
+    blocks: sled::Batch,
+}
+
+impl Sled {
+    /// Applies `change` atomically: one sled transaction over both trees, which sled logs and
+    /// recovers like one batch.
+    fn apply(&self, change: &Change) -> Result<(), StoreError> {
+        use sled::transaction::TransactionError;
+        use sled::Transactional as _;
+        (&self.records, &self.blocks)
+            .transaction(|(records, blocks)| {
+                records.apply_batch(&change.records)?;
+                blocks.apply_batch(&change.blocks)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<std::convert::Infallible>>(
+                    (),
+                )
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(never) => match never {},
+            })
+    }
 }
 
 /// The durable store.
@@ -379,18 +415,18 @@ fn marker(class: Class, block: u64) -> [u8; 10] {
 /// `partial` already (dropped by the bound). A marker whose block is gone (an older version
 /// deleted the block and kept the marker) is only removed: the counters no longer hold it.
 fn delete_marked(
-    tree: &sled::Tree,
+    blocks: &sled::Tree,
     meta: &Meta,
     id: &(Class, u64),
-    batch: &mut sled::Batch,
+    change: &mut Change,
     (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
 ) -> Result<Option<u64>, StoreError> {
     let Some(a) = meta.partial.get(id) else {
         return Ok(None);
     };
     let n = u64::from(a.count);
-    batch.remove(&marker(id.0, id.1)[..]);
-    if !tree.contains_key(key(id.0, id.1))? {
+    change.records.remove(&marker(id.0, id.1)[..]);
+    if !blocks.contains_key(key(id.0, id.1))? {
         return Ok(Some(n));
     }
     *bytes = bytes.saturating_sub(u64::from(a.bytes));
@@ -398,7 +434,7 @@ fn delete_marked(
     if id.0 == Class::Telemetry {
         *telemetry = telemetry.saturating_sub(n);
     }
-    batch.remove(&key(id.0, id.1)[..]);
+    change.blocks.remove(&key(id.0, id.1)[..]);
     Ok(Some(n))
 }
 
@@ -508,6 +544,48 @@ fn push_events(
     }
 }
 
+/// Blocks per transaction when [`migrate_blocks`] moves them.
+const MIGRATE_CHUNK: usize = 64;
+
+/// Moves the blocks that a version before the blocks tree kept among the records into the
+/// blocks tree, a chunk per transaction (a block is in exactly one tree at any time), and
+/// flushes; returns how many moved. Runs at every open, so blocks that such a version wrote
+/// after a downgrade move too; with nothing to move it costs two lookups.
+fn migrate_blocks(sled: &Sled) -> Result<u64, StoreError> {
+    let mut moved = 0;
+    for class in [Class::Keep, Class::Telemetry] {
+        loop {
+            let mut change = Change::default();
+            let mut n = 0;
+            for item in sled
+                .records
+                .scan_prefix([prefix(class)])
+                .take(MIGRATE_CHUNK)
+            {
+                let (k, v) = item?;
+                if k.len() == 9 {
+                    change.records.remove(k.clone());
+                    change.blocks.insert(k, v);
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            sled.apply(&change)?;
+            moved += n;
+        }
+    }
+    if moved > 0 {
+        sled.db.flush()?;
+        tracing::info!(
+            blocks = moved,
+            "store: moved blocks of an older layout to the blocks tree"
+        );
+    }
+    Ok(moved)
+}
+
 fn read_u64(tree: &sled::Tree, k: &[u8]) -> Result<u64, StoreError> {
     Ok(tree
         .get(k)?
@@ -578,6 +656,12 @@ impl Store {
             .mode(sled::Mode::LowSpace)
             .open()?;
         let tree = db.open_tree("floorgate")?;
+        let sled = Sled {
+            records: tree.clone(),
+            blocks: db.open_tree("blocks")?,
+            db,
+        };
+        migrate_blocks(&sled)?;
         let mut meta = Meta {
             next_seq: read_u64(&tree, M_NEXT)?.max(1),
             bytes: read_u64(&tree, M_BYTES)?,
@@ -615,7 +699,7 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
-            sled: ManuallyDrop::new(Sled { db, tree }),
+            sled: ManuallyDrop::new(sled),
             max_bytes,
             min_free: DEFAULT_MIN_FREE,
             meta: Mutex::new(meta),
@@ -814,7 +898,7 @@ impl Store {
         let mut bytes = meta.bytes + blocks.iter().map(|(_, k, v, _)| size(k, v)).sum::<u64>();
         let mut n_events = meta.events + events.len() as u64;
         let mut n_tel = meta.telemetry + by_class[0].1.len() as u64;
-        let mut batch = sled::Batch::default();
+        let mut change = Change::default();
         let mut dropped = Dropped::default();
         // Partly acknowledged blocks dropped here: (id, events already acknowledged).
         let mut forget: Vec<((Class, u64), u64)> = Vec::new();
@@ -828,13 +912,13 @@ impl Store {
                     break;
                 }
                 let counts = (&mut bytes, &mut n_events, &mut n_tel);
-                if let Some(n) = delete_marked(&self.sled.tree, meta, id, &mut batch, counts)? {
+                if let Some(n) = delete_marked(&self.sled.blocks, meta, id, &mut change, counts)? {
                     forget.push((*id, n));
                     reclaimed.insert(*id);
                 }
             }
             for class in [Class::Telemetry, Class::Keep] {
-                for item in self.sled.tree.scan_prefix([prefix(class)]) {
+                for item in self.sled.blocks.scan_prefix([prefix(class)]) {
                     if bytes <= target {
                         break;
                     }
@@ -851,7 +935,7 @@ impl Store {
                         .map(|a| a.count as u64);
                     if let Some(n) = acked {
                         forget.push(((class, first_seq), n));
-                        batch.remove(&marker(class, first_seq)[..]);
+                        change.records.remove(&marker(class, first_seq)[..]);
                     }
                     // Events of the block still unacknowledged are the ones lost.
                     let lost = count as u64 - acked.unwrap_or(0);
@@ -862,7 +946,7 @@ impl Store {
                     if lost > 0 {
                         dropped.add(lost, first_seq, last);
                     }
-                    batch.remove(k);
+                    change.blocks.remove(k);
                 }
                 for b in blocks.iter_mut().filter(|b| b.0 == class) {
                     if bytes <= target {
@@ -897,19 +981,19 @@ impl Store {
             seq += 1;
         }
         for (_, k, v, _) in &blocks {
-            batch.insert(&k[..], v.as_slice());
+            change.blocks.insert(&k[..], v.as_slice());
         }
         for (device, snap) in snapshots {
             let mut k = Vec::with_capacity(device.len() + 1);
             k.push(b's');
             k.extend_from_slice(device.as_bytes());
-            batch.insert(k, snap.as_slice());
+            change.records.insert(k, snap.as_slice());
         }
-        batch.insert(M_NEXT, &seq.to_be_bytes());
-        batch.insert(M_BYTES, &bytes.to_be_bytes());
-        batch.insert(M_EVENTS, &n_events.to_be_bytes());
-        batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
-        self.sled.tree.apply_batch(batch)?;
+        change.records.insert(M_NEXT, &seq.to_be_bytes());
+        change.records.insert(M_BYTES, &bytes.to_be_bytes());
+        change.records.insert(M_EVENTS, &n_events.to_be_bytes());
+        change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
+        self.sled.apply(&change)?;
         self.sled.db.flush()?;
         let forgot = !forget.is_empty();
         for ((class, block), already) in forget {
@@ -970,7 +1054,7 @@ impl Store {
         }
         let mut k = vec![b's'];
         k.extend_from_slice(device.as_bytes());
-        Ok(self.sled.tree.get(k)?.map(|v| v.to_vec()))
+        Ok(self.sled.records.get(k)?.map(|v| v.to_vec()))
     }
 
     /// Unacknowledged committed events of one class with seq >= `from`, in seq order, at most
@@ -990,7 +1074,7 @@ impl Store {
         if start >= end {
             return Ok(());
         }
-        for item in self.sled.tree.range(start..end) {
+        for item in self.sled.blocks.range(start..end) {
             if out.len() >= max {
                 break;
             }
@@ -1009,7 +1093,7 @@ impl Store {
         if meta.complete.is_empty() || start >= end {
             return Ok(meta.front[i]);
         }
-        for item in self.sled.tree.range(start..end) {
+        for item in self.sled.blocks.range(start..end) {
             let (k, v) = item?;
             if !meta
                 .partial
@@ -1026,7 +1110,7 @@ impl Store {
     /// Key of the first block that may hold `from` (a block may start before it).
     fn first_block(&self, class: Class, from: u64) -> Result<[u8; 9], StoreError> {
         let lo = key(class, from);
-        if let Some(item) = self.sled.tree.range(key(class, 0)..=lo).next_back() {
+        if let Some(item) = self.sled.blocks.range(key(class, 0)..=lo).next_back() {
             let (k, v) = item?;
             if block_header(&v).1 >= from {
                 let mut start = lo;
@@ -1057,7 +1141,7 @@ impl Store {
         if start >= end {
             return Ok(next);
         }
-        for item in self.sled.tree.range(start..end) {
+        for item in self.sled.blocks.range(start..end) {
             let (k, v) = item?;
             let (count, last) = block_header(&v);
             next = next.max(last + 1);
@@ -1133,7 +1217,7 @@ impl Store {
         for r in runs {
             let id = (r.class, r.block);
             if !meta.partial.contains_key(&id)
-                && !self.sled.tree.contains_key(key(r.class, r.block))?
+                && !self.sled.blocks.contains_key(key(r.class, r.block))?
             {
                 continue; // dropped (store full) or purged meanwhile
             }
@@ -1164,7 +1248,9 @@ impl Store {
                     let mut v = [0u8; 8];
                     v[..4].copy_from_slice(&a.len.to_be_bytes());
                     v[4..].copy_from_slice(&a.bytes.to_be_bytes());
-                    self.sled.tree.insert(&marker(*class, *block)[..], &v[..])?;
+                    self.sled
+                        .records
+                        .insert(&marker(*class, *block)[..], &v[..])?;
                 }
                 Ok(())
             });
@@ -1196,15 +1282,15 @@ impl Store {
             return Ok(());
         }
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
-        let mut batch = sled::Batch::default();
+        let mut change = Change::default();
         for id in meta.complete.iter().take(take) {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
-            delete_marked(&self.sled.tree, meta, id, &mut batch, counts)?;
+            delete_marked(&self.sled.blocks, meta, id, &mut change, counts)?;
         }
-        batch.insert(M_BYTES, &bytes.to_be_bytes());
-        batch.insert(M_EVENTS, &n_events.to_be_bytes());
-        batch.insert(M_TELEMETRY, &n_tel.to_be_bytes());
-        self.write(meta, |_| Ok(self.sled.tree.apply_batch(batch)?))?;
+        change.records.insert(M_BYTES, &bytes.to_be_bytes());
+        change.records.insert(M_EVENTS, &n_events.to_be_bytes());
+        change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
+        self.write(meta, |_| self.sled.apply(&change))?;
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {
             if let Some(a) = meta.partial.remove(&id) {
                 let n = u64::from(a.count);
@@ -1272,7 +1358,7 @@ impl Store {
         let start = self.first_block(class, from)?;
         let Some(item) = self
             .sled
-            .tree
+            .blocks
             .range(start..key(class, meta.next_seq))
             .next()
         else {
@@ -1291,7 +1377,7 @@ impl Store {
     pub fn get_record(&self, space: u8, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut k = vec![space];
         k.extend_from_slice(name.as_bytes());
-        Ok(self.sled.tree.get(k)?.map(|v| v.to_vec()))
+        Ok(self.sled.records.get(k)?.map(|v| v.to_vec()))
     }
 
     /// Writes a small record durably.
@@ -1300,7 +1386,7 @@ impl Store {
         k.extend_from_slice(name.as_bytes());
         let mut meta = lock(&self.meta);
         self.write(&mut meta, |_| {
-            self.sled.tree.insert(k, value)?;
+            self.sled.records.insert(k, value)?;
             self.sled.db.flush()?;
             Ok(())
         })

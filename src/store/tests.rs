@@ -406,11 +406,13 @@ fn a_marker_an_older_version_left_without_its_block_is_dropped_without_touching_
         let all = refs(&s.read_from(0, 10).expect("read"));
         s.ack_runs(&runs(&all[..2])).expect("ack");
         // What an older version does: delete the block and count it out, keep the marker.
-        let mut b = sled::Batch::default();
-        b.remove(&key(all[0].class, all[0].block)[..]);
-        b.insert(M_EVENTS, &1u64.to_be_bytes());
-        b.insert(M_BYTES, &u64::from(all[2].block_bytes).to_be_bytes());
-        s.sled.tree.apply_batch(b).expect("batch");
+        let mut change = Change::default();
+        change.blocks.remove(&key(all[0].class, all[0].block)[..]);
+        change.records.insert(M_EVENTS, &1u64.to_be_bytes());
+        change
+            .records
+            .insert(M_BYTES, &u64::from(all[2].block_bytes).to_be_bytes());
+        s.sled.apply(&change).expect("apply");
         s.flush().expect("flush");
         u64::from(all[2].block_bytes)
     };
@@ -493,4 +495,47 @@ fn runs_follow_blocks_and_positions() {
             (Class::Telemetry, 2, 3, 1)
         ]
     );
+}
+
+/// A store of a version that kept the blocks among the records: opening moves them to the
+/// blocks tree, and every event, acknowledgement and counter is as it was.
+#[test]
+fn blocks_an_older_version_kept_among_the_records_are_moved_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before, stats) = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        // 150 commits: more blocks than one migration chunk, of both classes.
+        for i in 0..150 {
+            s.commit(&[counter(2 * i), telemetry(2 * i + 1)], &[])
+                .expect("commit");
+        }
+        let all = refs(&s.read_from(0, usize::MAX).expect("read"));
+        s.ack_runs(&runs(&all[..5])).expect("ack");
+        let before = seqs(&s.read_from(0, usize::MAX).expect("read"));
+        // The older layout: every block in the records tree.
+        let mut change = Change::default();
+        for item in s.sled.blocks.iter() {
+            let (k, v) = item.expect("block");
+            change.blocks.remove(k.clone());
+            change.records.insert(k, v);
+        }
+        s.sled.apply(&change).expect("apply");
+        assert!(s.sled.blocks.is_empty());
+        s.flush().expect("flush");
+        (before, s.stats())
+    };
+    assert_eq!(before.len(), 295);
+    let s = reopen(dir.path());
+    assert_eq!(s.sled.blocks.len(), 300);
+    for class in [Class::Keep, Class::Telemetry] {
+        assert_eq!(s.sled.records.scan_prefix([prefix(class)]).count(), 0);
+    }
+    assert_eq!(seqs(&s.read_from(0, usize::MAX).expect("read")), before);
+    let after = s.stats();
+    assert_eq!(
+        (after.events, after.bytes, after.telemetry),
+        (stats.events, stats.bytes, stats.telemetry)
+    );
+    // Nothing left to move: opening again moves nothing.
+    assert_eq!(migrate_blocks(&s.sled).expect("migrate"), 0);
 }

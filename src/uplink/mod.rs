@@ -616,10 +616,13 @@ struct Frame {
 }
 
 impl Frame {
-    /// A frame starting from `empty`, the payload without events (`payload(gateway, [])`).
-    fn new(empty: &[u8]) -> Frame {
+    /// A frame starting from `empty`, the payload without events (`payload(gateway, [])`),
+    /// with room for `capacity` bytes.
+    fn new(empty: &[u8], capacity: usize) -> Frame {
+        let mut body = Vec::with_capacity(capacity.max(empty.len()));
+        body.extend_from_slice(empty);
         Frame {
-            body: empty.to_vec(),
+            body,
             runs: Vec::new(),
             events: 0,
         }
@@ -658,18 +661,23 @@ fn frame(
         return Ok(first
             .iter()
             .map(|s| {
-                let mut f = Frame::new(empty);
+                let mut f = Frame::new(empty, empty.len() + 1 + s.json().len());
                 f.push(&s.at, s.json());
                 f.done()
             })
             .collect());
     }
+    // Payloads of a backlog are alike: each is given the room the one before took (plus an
+    // eighth), so that framing copies every event once instead of growing the payload.
     let mut out = Vec::new();
-    let mut current = Frame::new(empty);
+    let guess = empty.len()
+        + first.iter().map(|s| s.json().len() + 1).sum::<usize>() * max_batch.max(1) / first.len();
+    let mut current = Frame::new(empty, guess + guess / 8);
     let mut add = |at: &crate::store::EventRef, json: &[u8]| {
         current.push(at, json);
         if current.events as usize >= max_batch {
-            out.push(std::mem::replace(&mut current, Frame::new(empty)).done());
+            let room = current.body.len() + current.body.len() / 8;
+            out.push(std::mem::replace(&mut current, Frame::new(empty, room)).done());
         }
     };
     for s in &first {
