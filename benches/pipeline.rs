@@ -136,9 +136,29 @@ fn reopen(dir: &std::path::Path) -> (Store, f64) {
     }
 }
 
-/// Drains the store: events/s until every event is acknowledged, and the milliseconds after
-/// that until the acknowledged blocks are deleted from the store.
-async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> (f64, f64) {
+/// CPU seconds this process used so far (all threads), to the microsecond.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// What one drain measured.
+struct Drained {
+    /// Events/s until every event was acknowledged.
+    rate: f64,
+    /// Milliseconds after that until the acknowledged blocks were deleted from the store.
+    reclaim_ms: f64,
+    /// CPU seconds of this process until every event was acknowledged.
+    cpu_s: f64,
+}
+
+/// Drains the store with floorgate's uplink.
+async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> Drained {
     let cfg = format!(
         "[gateway]\nid = \"bench-gw\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_batch = 100\nmax_inflight = 32\n",
         broker.port,
@@ -155,12 +175,13 @@ async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> (f64, f
         Arc::default(),
     );
     let stop = CancellationToken::new();
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), process_cpu_s());
     let task = tokio::spawn(up.run(stop.clone()));
     while store.stats().events > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let cpu_s = process_cpu_s() - c0;
     let t1 = Instant::now();
     while store.stats().bytes > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -168,17 +189,22 @@ async fn drain(store: Arc<Store>, pki: &Pki, broker: &Broker, n: u64) -> (f64, f
     let reclaim_ms = t1.elapsed().as_secs_f64() * 1e3;
     stop.cancel();
     let _ = task.await;
-    (rate, reclaim_ms)
+    Drained {
+        rate,
+        reclaim_ms,
+        cpu_s,
+    }
 }
 
-async fn plain_publisher(payloads: Vec<Vec<u8>>, pki: &Pki, broker: &Broker, n: u64) -> f64 {
+/// The plain publisher: events/s, and the CPU seconds this process used meanwhile.
+async fn plain_publisher(payloads: Vec<Vec<u8>>, pki: &Pki, broker: &Broker, n: u64) -> (f64, f64) {
     let tls = tls_client_config(&pki.ca_cert, Some((&pki.client_cert, &pki.client_key)));
     let mut opts = mqtt_options_with(broker, "bench-plain", Some(tls));
     opts.set_outgoing_inflight_upper_limit(32);
     opts.set_max_packet_size(Some(8 << 20));
     let (client, mut el) = AsyncClient::new(opts, 96);
     let total = payloads.len();
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), process_cpu_s());
     let pump = tokio::spawn(async move {
         let mut acks = 0;
         while acks < total {
@@ -194,7 +220,7 @@ async fn plain_publisher(payloads: Vec<Vec<u8>>, pki: &Pki, broker: &Broker, n: 
             .unwrap();
     }
     pump.await.unwrap();
-    n as f64 / t0.elapsed().as_secs_f64()
+    (n as f64 / t0.elapsed().as_secs_f64(), process_cpu_s() - c0)
 }
 
 /// `floorgate run` with configuration `text` written to `dir`.
@@ -467,9 +493,10 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
                 )
             };
             let (a0, m0, t0) = cpu();
-            let plain = plain_publisher(payloads, &pki, &broker, n).await;
+            let (plain, plain_cpu) = plain_publisher(payloads, &pki, &broker, n).await;
             let (a1, m1, t1) = cpu();
-            let (drained, reclaim_ms) = drain(store.clone(), &pki, &broker, n).await;
+            let d = drain(store.clone(), &pki, &broker, n).await;
+            let (drained, reclaim_ms) = (d.rate, d.reclaim_ms);
             let (a2, m2, t2) = cpu();
             let (w1, w2) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
             println!(
@@ -479,8 +506,8 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
             println!(
                 "  plain {plain:.0} events/s, drain {drained:.0} events/s ({:.2}), blocks deleted {reclaim_ms:.0} ms later; CPU µs/event plain {:.3}, drain {:.3}",
                 drained / plain,
-                (a1 - a0) * 1e6 / n as f64,
-                (a2 - a1) * 1e6 / n as f64
+                plain_cpu * 1e6 / n as f64,
+                d.cpu_s * 1e6 / n as f64
             );
         }
     }
@@ -531,19 +558,25 @@ async fn main() {
     let mut plains = Vec::new();
     let mut drains = Vec::new();
     let mut reclaims = Vec::new();
+    // CPU µs per event of this process (the publisher's side only; mosquitto not included).
+    let (mut plain_cpus, mut drain_cpus) = (Vec::new(), Vec::new());
     for round in 0..3 {
         if round > 0 {
             fill(&store, n, 1000);
         }
-        plains.push(plain_publisher(payloads.clone(), &pki, &broker, n).await);
-        let (rate, reclaim_ms) = drain(store.clone(), &pki, &broker, n).await;
-        drains.push(rate);
-        reclaims.push(reclaim_ms);
+        let (plain, plain_cpu) = plain_publisher(payloads.clone(), &pki, &broker, n).await;
+        plains.push(plain);
+        plain_cpus.push(plain_cpu * 1e6 / n as f64);
+        let d = drain(store.clone(), &pki, &broker, n).await;
+        drains.push(d.rate);
+        reclaims.push(d.reclaim_ms);
+        drain_cpus.push(d.cpu_s * 1e6 / n as f64);
     }
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (plain, drained) = (best(&plains), best(&drains));
     println!("  plain rumqttc publisher, same payloads, mTLS QoS 1: {plain:.0} events/s (rounds: {plains:.0?})");
     println!("  floorgate drain of the backlog (store → PUBACK → acknowledged in the store): {drained:.0} events/s ({:.2} of plain; rounds: {drains:.0?})", drained / plain);
+    println!("  CPU µs per event of the publishing process: plain {plain_cpus:.3?}, drain {drain_cpus:.3?}");
     println!("  acknowledged blocks deleted from the store after the drain within {:.0} ms (rounds: {reclaims:.0?})", best(&reclaims));
     drop(store);
     let (s, open_ms) = reopen(dir.path());
@@ -576,6 +609,8 @@ async fn main() {
         "drain_rounds_events_per_s": drains,
         "drain_blocks_deleted_ms_after": reclaims,
         "plain_rounds_events_per_s": plains,
+        "plain_rounds_cpu_us_per_event": plain_cpus,
+        "drain_rounds_cpu_us_per_event": drain_cpus,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "footprint_64_devices_buffering": { "cpu_percent": cpu_b, "rss_max_mib": rss_b, "window_s": fp_secs },
         "backlog_events": n,

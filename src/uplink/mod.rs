@@ -286,15 +286,20 @@ impl Uplink {
             caught_up.clone(),
         );
         let mut ahead = None;
+        let mut acked = Acked::default();
         let result = self
-            .session_with(shutdown, &acker, caught_up, &mut ahead)
+            .session_with(shutdown, &acker, caught_up, &mut ahead, &mut acked)
             .await;
         // Both threads end with the session: nothing holds the store afterwards.
         if let Some(ahead) = ahead {
             ahead.finish().await;
         }
-        let acked = acker.finish().await;
-        result.and(acked)
+        // PUBACKs the session had not handed over yet (a failed hand-over shows in `finish`).
+        if acked.publishes > 0 {
+            let _ = acker.ack(acked).await;
+        }
+        let recorded = acker.finish().await;
+        result.and(recorded)
     }
 
     async fn session_with(
@@ -303,6 +308,7 @@ impl Uplink {
         acker: &Acker,
         caught_up: Arc<AtomicBool>,
         ahead: &mut Option<Prefetch>,
+        acked: &mut Acked,
     ) -> Result<(), UplinkError> {
         let opts = self.options()?;
         // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
@@ -356,6 +362,7 @@ impl Uplink {
             caught_up,
         ));
         let mut draining: Option<Instant> = None;
+        let mut ack_due: Option<Instant> = None;
         loop {
             // Keep the window full: everything still stored from the oldest seq, then new
             // commits. While stopping, the backlog keeps draining until the deadline.
@@ -381,16 +388,28 @@ impl Uplink {
                 ev = events.next() => {
                     // Handle everything already available before refilling the window once.
                     let mut next = Some(ev);
-                    let mut acked = Acked::default();
                     while let Some(ev) = next {
                         match ev {
-                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, &mut acked)?,
+                            Ok(ev) => self.on_event(ev, &mut unassigned, &mut inflight, acked)?,
                             Err(e) => return Err(UplinkError::Session(describe(&e))),
                         }
                         next = events.try_next();
                     }
+                    // The acker wakes for a batch of PUBACKs, or when nothing is outstanding
+                    // (live traffic: at once), or after ACK_DELAY.
+                    if acked.publishes >= ACK_BATCH
+                        || (acked.publishes > 0 && inflight.is_empty() && unassigned.is_empty())
+                    {
+                        ack_due = None;
+                        acker.ack(std::mem::take(acked)).await?;
+                    } else if acked.publishes > 0 && ack_due.is_none() {
+                        ack_due = Some(Instant::now() + ACK_DELAY);
+                    }
+                }
+                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)), if ack_due.is_some() => {
+                    ack_due = None;
                     if acked.publishes > 0 {
-                        acker.ack(acked).await?;
+                        acker.ack(std::mem::take(acked)).await?;
                     }
                 }
                 next = ahead.next(), if room => {
@@ -494,6 +513,12 @@ impl Uplink {
         Ok(())
     }
 }
+
+/// PUBACKed publishes handed to the acker at once while a backlog drains (one wake-up of its
+/// thread each).
+const ACK_BATCH: u64 = 16;
+/// How long PUBACKs wait for more before they are handed to the acker anyway.
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// Wholly acknowledged blocks that may wait for deletion while a backlog drains (a few dozen
 /// bytes of memory each); beyond, they are deleted as they complete.
@@ -648,8 +673,13 @@ impl Frame {
     }
 }
 
+/// Publishes framed per read of a backlog: the prefetch thread wakes once per read, and the
+/// session once per hand-over.
+const READ_PUBLISHES: usize = 32;
+
 /// The next publishes from `reader`: live traffic (fewer than 8 events waiting) one event per
-/// publish, a backlog in batches of `max_batch`, framed straight from the stored blocks.
+/// publish, a backlog in batches of `max_batch` (up to [`READ_PUBLISHES`] of them), framed
+/// straight from the stored blocks.
 fn frame(
     store: &Store,
     reader: &mut Reader,
@@ -683,7 +713,8 @@ fn frame(
     for s in &first {
         add(&s.at, s.json());
     }
-    reader.read_with(store, 7 * max_batch.max(1), |at, block, (a, b)| {
+    let more = (READ_PUBLISHES - 1) * max_batch.max(1);
+    reader.read_with(store, more, |at, block, (a, b)| {
         add(&at, &block[a..b]);
     })?;
     if current.events > 0 {
@@ -696,8 +727,7 @@ fn frame(
 /// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
 /// payloads, at most a window ahead of the session.
 struct Prefetch {
-    /// The publishes of one read at a time: one wake-up of the session per read, not per
-    /// publish.
+    /// The publishes of one read at a time (see [`READ_PUBLISHES`]).
     rx: mpsc::Receiver<Result<Vec<Prepared>, UplinkError>>,
     ready: VecDeque<Prepared>,
     /// The last read found nothing more to send.
@@ -714,8 +744,7 @@ impl Prefetch {
         window: usize,
         idle: Arc<AtomicBool>,
     ) -> Prefetch {
-        // A read yields up to 8 publishes (see `frame`).
-        let (tx, rx) = mpsc::channel(window.div_ceil(8).max(1));
+        let (tx, rx) = mpsc::channel(window.div_ceil(READ_PUBLISHES).max(1));
         let flag = idle.clone();
         let empty = payload(&gateway, []);
         // Reading and framing run on a blocking thread, like the acker's deletes.

@@ -61,6 +61,9 @@ async fn sigterm_drains_and_exits_0_and_counters_continue_across_a_restart() {
         (7.into(), 107.into())
     );
     rx.assert_seq_identity();
+    // What was acknowledged before the stop is recorded durably: the restart sends none of it
+    // again.
+    assert_eq!(rx.events.len(), rx.seqs().len(), "no event delivered twice");
     stop.cancel();
 }
 
