@@ -548,9 +548,10 @@ fn push_events(
 const MIGRATE_CHUNK: usize = 64;
 
 /// Moves the blocks that a version before the blocks tree kept among the records into the
-/// blocks tree, a chunk per transaction (a block is in exactly one tree at any time), and
-/// flushes; returns how many moved. Runs at every open, so blocks that such a version wrote
-/// after a downgrade move too; with nothing to move it costs two lookups.
+/// blocks tree, a chunk per transaction (a block is in exactly one tree at any time), flushed
+/// chunk by chunk, so that an open that is stopped half-way (a start-up timeout on slow flash)
+/// keeps its progress; returns how many moved. Runs at every open, so blocks that such a
+/// version wrote after a downgrade move too; with nothing to move it costs two lookups.
 fn migrate_blocks(sled: &Sled) -> Result<u64, StoreError> {
     let mut moved = 0;
     for class in [Class::Keep, Class::Telemetry] {
@@ -573,11 +574,11 @@ fn migrate_blocks(sled: &Sled) -> Result<u64, StoreError> {
                 break;
             }
             sled.apply(&change)?;
+            sled.db.flush()?;
             moved += n;
         }
     }
     if moved > 0 {
-        sled.db.flush()?;
         tracing::info!(
             blocks = moved,
             "store: moved blocks of an older layout to the blocks tree"
