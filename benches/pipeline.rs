@@ -3,13 +3,19 @@
 //! 1. poll transactions/s over a PTY against the simulator;
 //! 2. events/s committed to the store;
 //! 3. events/s drained from a 1,000,000-event backlog to mosquitto over mTLS, next to a plain
-//!    rumqttc publisher of the same payloads (same broker, TLS, QoS 1 and window) in the same run;
+//!    rumqttc publisher of the same payloads (same broker, TLS, QoS 1 and window) in the same run:
+//!    three rounds of a backlog committed 1000 events at a time (the first after reopening the
+//!    store, so read from disk), then one of a backlog committed 50 at a time (small blocks, as
+//!    a floor's group commits make them);
 //! 4. RSS and CPU of `floorgate run` polling 64 simulated devices at 1 s.
 //!
 //! Results are printed and written to `target/bench/pipeline.json`.
 //! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the (60 s)
 //! footprint window. `FLOORGATE_BENCH_ONLY=bus,drain` runs only the named parts (poll, store,
-//! drain, footprint, bus, latency) and prints them without writing the JSON file.
+//! drain, footprint, bus, latency) and prints them without writing the JSON file; there
+//! `FLOORGATE_BENCH_ROUNDS` sets the drain rounds, `FLOORGATE_BENCH_FILL_BATCH` the events per
+//! commit of the backlog (default 1000) and `FLOORGATE_BENCH_REOPEN=1` reopens the store before
+//! each drain.
 #![allow(
     clippy::unwrap_used,
     unreachable_pub,
@@ -135,6 +141,9 @@ fn reopen(dir: &std::path::Path) -> (Store, f64) {
         }
     }
 }
+
+/// Events per commit of the second drain measurement (the first commits 1000 at a time).
+const SMALL_COMMIT: u64 = 50;
 
 /// CPU seconds this process used so far (all threads), to the microsecond.
 fn process_cpu_s() -> f64 {
@@ -475,14 +484,20 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
     let broker = Broker::start_tls(&pki);
     if want("store") || want("drain") {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
+        let mut store = Arc::new(Store::open(dir.path(), 4 << 20, 4 << 30).unwrap());
         for _ in 0..env_num("FLOORGATE_BENCH_ROUNDS", 3) {
-            let commit = fill(&store, n, 1000);
+            let commit = fill(&store, n, env_num("FLOORGATE_BENCH_FILL_BATCH", 1000));
             println!("  events/s committed to the store: {commit:.0}");
             if !want("drain") {
                 continue;
             }
+
             let payloads = payloads_of(&store);
+            if env_num("FLOORGATE_BENCH_REOPEN", 0) == 1 {
+                // Drain after a restart, as the full run's first round does.
+                drop(store);
+                store = Arc::new(reopen(dir.path()).0);
+            }
             // CPU of this process and of mosquitto in each phase, in cores.
             let mosq = broker.pid().unwrap_or(0);
             let cpu = || {
@@ -581,6 +596,22 @@ async fn main() {
     drop(store);
     let (s, open_ms) = reopen(dir.path());
     drop(s);
+    // The same backlog committed the way a floor commits it: small groups (50 events per
+    // commit, a busy floor's 50 ms group commit), so blocks of about 25 events per class.
+    let small_dir = tempfile::tempdir().unwrap();
+    let small = Arc::new(Store::open(small_dir.path(), 4 << 20, 4 << 30).unwrap());
+    fill(&small, n, SMALL_COMMIT);
+    let small_payloads = payloads_of(&small);
+    let (small_plain, _) = plain_publisher(small_payloads, &pki, &broker, n).await;
+    let small_drain = drain(small.clone(), &pki, &broker, n).await;
+    drop(small);
+    println!(
+        "  drain of a backlog committed {SMALL_COMMIT} events at a time: {:.0} events/s ({:.2} of plain {small_plain:.0}), CPU {:.3} µs/event, blocks deleted {:.0} ms later",
+        small_drain.rate,
+        small_drain.rate / small_plain,
+        small_drain.cpu_s * 1e6 / n as f64,
+        small_drain.reclaim_ms
+    );
     let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
     let (cpu_b, rss_b) = footprint(&pki, &broker, fp_secs, true).await;
     println!("  the same while buffering (uplink unreachable): CPU {cpu_b:.2} % of a core, RSS max {rss_b:.1} MiB");
@@ -610,6 +641,14 @@ async fn main() {
         "drain_blocks_deleted_ms_after": reclaims,
         "plain_rounds_events_per_s": plains,
         "plain_rounds_cpu_us_per_event": plain_cpus,
+        "drain_small_commits": {
+            "events_per_commit": SMALL_COMMIT,
+            "drain_events_per_s": small_drain.rate,
+            "plain_publisher_events_per_s": small_plain,
+            "drain_ratio_to_plain": small_drain.rate / small_plain,
+            "drain_cpu_us_per_event": small_drain.cpu_s * 1e6 / n as f64,
+            "blocks_deleted_ms_after": small_drain.reclaim_ms
+        },
         "drain_rounds_cpu_us_per_event": drain_cpus,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "footprint_64_devices_buffering": { "cpu_percent": cpu_b, "rss_max_mib": rss_b, "window_s": fp_secs },
