@@ -181,6 +181,8 @@ struct Acked {
     len: u32,
     /// Bytes of the block's key and value.
     bytes: u32,
+    /// Once wholly acknowledged: the key of the marker record that lists the block.
+    marker: MarkerKey,
 }
 
 impl Acked {
@@ -190,19 +192,21 @@ impl Acked {
             count: 0,
             len,
             bytes,
+            marker: [0; 10],
         }
     }
     /// Wholly acknowledged: once a block is, its bits are freed.
     fn complete(&self) -> bool {
         self.count >= self.len
     }
-    /// A wholly acknowledged block, as loaded from its marker.
-    fn sealed(len: u32, bytes: u32) -> Acked {
+    /// A wholly acknowledged block, as loaded from the marker record `marker`.
+    fn sealed(len: u32, bytes: u32, marker: MarkerKey) -> Acked {
         Acked {
             bits: Vec::new(),
             count: len,
             len,
             bytes,
+            marker,
         }
     }
     fn contains(&self, i: u32) -> bool {
@@ -269,9 +273,11 @@ struct Meta {
     /// only while partly acknowledged: after a crash such a block is sent again (the cloud
     /// deduplicates by seq). Wholly acknowledged blocks stay here until they are deleted.
     partial: HashMap<(Class, u64), Acked>,
-    /// Wholly acknowledged blocks not deleted yet, in the order they completed (each has a
-    /// marker record); [`Store::reclaim`] deletes them.
+    /// Wholly acknowledged blocks not deleted yet, in the order they completed (each is listed
+    /// in a marker record); [`Store::reclaim`] deletes them.
     complete: VecDeque<(Class, u64)>,
+    /// Marker records and how many of the blocks they list are still stored.
+    markers: HashMap<MarkerKey, u32>,
     /// Per class ([`class_index`]): every block starting below this seq is wholly acknowledged
     /// or gone. Advanced lazily by [`Store::front`], so that reads skip the acknowledged front.
     front: [u64; 2],
@@ -401,31 +407,105 @@ fn key(class: Class, seq: u64) -> [u8; 9] {
     k
 }
 
-/// The marker of a wholly acknowledged block: `a` + the block's key. Its value is the block's
-/// event count and bytes (`u32` each), what the accounting needs when it is deleted.
-fn marker(class: Class, block: u64) -> [u8; 10] {
+/// The key of the marker record that lists the blocks one acknowledgement completed, the first
+/// of them `(class, block)`: `a` + that block's key. Its value lists each block with its event
+/// count and bytes, what the accounting needs when it is deleted (see [`marker_entries`]).
+fn marker(class: Class, block: u64) -> MarkerKey {
     let mut k = [0u8; 10];
     k[0] = A_PREFIX;
     k[1..].copy_from_slice(&key(class, block));
     k
 }
 
-/// Adds the deletion of the marked block `id` (block and marker) to `batch` and takes it out of
-/// the counters (bytes, events, telemetry); returns its events, or `None` when it is gone from
-/// `partial` already (dropped by the bound). A marker whose block is gone (an older version
-/// deleted the block and kept the marker) is only removed: the counters no longer hold it.
+/// Key of a marker record: `a` + the key of the first block it lists.
+type MarkerKey = [u8; 10];
+
+/// Bytes per block listed in a marker record: class prefix, block (first seq), events, bytes.
+const MARKER_ENTRY: usize = 17;
+
+/// Appends the entry of the wholly acknowledged block `(class, block)` to a marker record.
+fn marker_entry(out: &mut Vec<u8>, class: Class, block: u64, a: &Acked) {
+    out.push(prefix(class));
+    out.extend_from_slice(&block.to_be_bytes());
+    out.extend_from_slice(&a.len.to_be_bytes());
+    out.extend_from_slice(&a.bytes.to_be_bytes());
+}
+
+/// The blocks a marker record lists: (class, block, events, bytes). A record of 8 bytes (as
+/// versions before grouped records wrote them) lists the one block its key names.
+fn marker_entries(k: &[u8], v: &[u8]) -> Vec<(Class, u64, u32, u32)> {
+    let class_of = |p: Option<&u8>| match p {
+        Some(b'k') => Some(Class::Keep),
+        Some(b't') => Some(Class::Telemetry),
+        _ => None,
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .and_then(|x| x.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    if v.len() == 8 {
+        let (Some(class), Some(len), Some(bytes)) =
+            (class_of(k.get(1)), u32_at(v, 0), u32_at(v, 4))
+        else {
+            return Vec::new();
+        };
+        return vec![(class, seq_of(k.get(1..).unwrap_or_default()), len, bytes)];
+    }
+    v.chunks_exact(MARKER_ENTRY)
+        .filter_map(|e| {
+            let class = class_of(e.first())?;
+            let block = u64::from_be_bytes(e[1..9].try_into().ok()?);
+            Some((class, block, u32_at(e, 9)?, u32_at(e, 13)?))
+        })
+        .collect()
+}
+
+/// Takes the wholly acknowledged block `a` out of its marker record: the record is deleted with
+/// the last block it lists. `gone` counts what this change takes out of each record; it is
+/// applied to `meta.markers` once the change is written ([`forget_listed`]).
+fn unlist(meta: &Meta, a: &Acked, change: &mut Change, gone: &mut HashMap<MarkerKey, u32>) {
+    let n = gone.entry(a.marker).or_insert(0);
+    *n += 1;
+    if meta
+        .markers
+        .get(&a.marker)
+        .is_none_or(|listed| *listed <= *n)
+    {
+        change.records.remove(&a.marker[..]);
+    }
+}
+
+/// Applies what a written change took out of marker records.
+fn forget_listed(meta: &mut Meta, gone: HashMap<MarkerKey, u32>) {
+    for (k, n) in gone {
+        if let Some(listed) = meta.markers.get_mut(&k) {
+            *listed = listed.saturating_sub(n);
+            if *listed == 0 {
+                meta.markers.remove(&k);
+            }
+        }
+    }
+}
+
+/// Adds the deletion of the marked block `id` to `change` (the block, and its marker record
+/// with the last block it lists) and takes it out of the counters (bytes, events, telemetry);
+/// returns its events, or `None` when it is gone from `partial` already (dropped by the bound).
+/// A listed block that is gone (deleted by an older version, or a record half deleted) is only
+/// unlisted: the counters no longer hold it.
 fn delete_marked(
     blocks: &sled::Tree,
     meta: &Meta,
     id: &(Class, u64),
     change: &mut Change,
+    gone: &mut HashMap<MarkerKey, u32>,
     (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
 ) -> Result<Option<u64>, StoreError> {
     let Some(a) = meta.partial.get(id) else {
         return Ok(None);
     };
     let n = u64::from(a.count);
-    change.records.remove(&marker(id.0, id.1)[..]);
+    unlist(meta, a, change, gone);
     if !blocks.contains_key(key(id.0, id.1))? {
         return Ok(Some(n));
     }
@@ -673,30 +753,26 @@ impl Store {
         // Wholly acknowledged blocks not deleted before the stop: a few bytes each.
         for item in tree.scan_prefix([A_PREFIX]) {
             let (k, v) = item?;
-            let class = match k.get(1) {
-                Some(b'k') => Class::Keep,
-                Some(b't') => Class::Telemetry,
-                _ => continue,
-            };
-            let (Ok(len), Ok(bytes)) = (
-                v.get(..4)
-                    .unwrap_or_default()
-                    .try_into()
-                    .map(u32::from_be_bytes),
-                v.get(4..8)
-                    .unwrap_or_default()
-                    .try_into()
-                    .map(u32::from_be_bytes),
-            ) else {
+            let Ok(record) = MarkerKey::try_from(k.as_ref()) else {
                 continue;
             };
-            let id = (class, seq_of(&k[1..]));
-            meta.partial_events += u64::from(len);
-            if class == Class::Telemetry {
-                meta.partial_telemetry += u64::from(len);
+            let mut listed = 0;
+            for (class, block, len, bytes) in marker_entries(&k, &v) {
+                let id = (class, block);
+                if meta.partial.contains_key(&id) {
+                    continue;
+                }
+                meta.partial_events += u64::from(len);
+                if class == Class::Telemetry {
+                    meta.partial_telemetry += u64::from(len);
+                }
+                meta.partial.insert(id, Acked::sealed(len, bytes, record));
+                meta.complete.push_back(id);
+                listed += 1;
             }
-            meta.partial.insert(id, Acked::sealed(len, bytes));
-            meta.complete.push_back(id);
+            if listed > 0 {
+                meta.markers.insert(record, listed);
+            }
         }
         Ok(Store {
             dir: dir.to_path_buf(),
@@ -900,20 +976,27 @@ impl Store {
         let mut n_events = meta.events + events.len() as u64;
         let mut n_tel = meta.telemetry + by_class[0].1.len() as u64;
         let mut change = Change::default();
+        let mut gone = HashMap::new();
         let mut dropped = Dropped::default();
         // Partly acknowledged blocks dropped here: (id, events already acknowledged).
         let mut forget: Vec<((Class, u64), u64)> = Vec::new();
         if bytes > self.max_bytes {
             // Shed to 90 % of the bound so that a full store does not drop on every commit.
             let target = self.max_bytes / 10 * 9;
-            // Wholly acknowledged blocks go first: deleting them loses nothing.
+            // Wholly acknowledged blocks go first: deleting them loses nothing. Whole marker
+            // records only, so that no record lists a block that is gone.
             let mut reclaimed = HashSet::new();
+            let mut last: Option<MarkerKey> = None;
             for id in &meta.complete {
-                if bytes <= target {
+                let record = meta.partial.get(id).map(|a| a.marker);
+                if bytes <= target && (last.is_none() || record != last) {
                     break;
                 }
+                last = record;
                 let counts = (&mut bytes, &mut n_events, &mut n_tel);
-                if let Some(n) = delete_marked(&self.sled.blocks, meta, id, &mut change, counts)? {
+                if let Some(n) =
+                    delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?
+                {
                     forget.push((*id, n));
                     reclaimed.insert(*id);
                 }
@@ -930,13 +1013,13 @@ impl Store {
                         continue;
                     }
                     bytes -= size(&k, &v);
-                    let acked = meta
-                        .partial
-                        .get(&(class, first_seq))
-                        .map(|a| a.count as u64);
+                    let partly = meta.partial.get(&(class, first_seq));
+                    if let Some(a) = partly.filter(|a| a.complete()) {
+                        unlist(meta, a, &mut change, &mut gone);
+                    }
+                    let acked = partly.map(|a| a.count as u64);
                     if let Some(n) = acked {
                         forget.push(((class, first_seq), n));
-                        change.records.remove(&marker(class, first_seq)[..]);
                     }
                     // Events of the block still unacknowledged are the ones lost.
                     let lost = count as u64 - acked.unwrap_or(0);
@@ -996,6 +1079,7 @@ impl Store {
         change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
         self.sled.apply(&change)?;
         self.sled.db.flush()?;
+        forget_listed(meta, gone);
         let forgot = !forget.is_empty();
         for ((class, block), already) in forget {
             meta.partial.remove(&(class, block));
@@ -1240,24 +1324,26 @@ impl Store {
                 meta.partial_telemetry += newly;
             }
         }
-        if !sealed.is_empty() {
-            // One insert per marker, not a batch: sled writes out its log buffer for every
-            // batch, and markers need no atomicity among themselves.
-            let result = self.write(&mut meta, |m| {
-                for (class, block) in &sealed {
-                    let a = &m.partial[&(*class, *block)];
-                    let mut v = [0u8; 8];
-                    v[..4].copy_from_slice(&a.len.to_be_bytes());
-                    v[4..].copy_from_slice(&a.bytes.to_be_bytes());
-                    self.sled
-                        .records
-                        .insert(&marker(*class, *block)[..], &v[..])?;
+        if let Some(&(class, block)) = sealed.first() {
+            // One record lists every block this acknowledgement completed: one plain insert
+            // (not a batch: sled writes out its log buffer for every batch), however many
+            // small blocks a publish spans.
+            let record = marker(class, block);
+            let mut v = Vec::with_capacity(sealed.len() * MARKER_ENTRY);
+            for id in &sealed {
+                if let Some(a) = meta.partial.get_mut(id) {
+                    a.marker = record;
+                    marker_entry(&mut v, id.0, id.1, a);
                 }
+            }
+            let result = self.write(&mut meta, |_| {
+                self.sled.records.insert(&record[..], v)?;
                 Ok(())
             });
             if let Err(error) = result {
                 tracing::debug!(%error, "acknowledgement markers not written; a restart would send those blocks again");
             }
+            meta.markers.insert(record, sealed.len() as u32);
             meta.complete.extend(sealed);
         }
         Ok(())
@@ -1278,20 +1364,33 @@ impl Store {
     }
 
     fn reclaim_locked(&self, meta: &mut Meta, max: usize) -> Result<(), StoreError> {
-        let take = max.min(meta.complete.len());
+        // Whole marker records only (the blocks of one record are next to each other in
+        // `complete`), so that no record lists a block that is gone.
+        let record = |i: usize| {
+            meta.complete
+                .get(i)
+                .and_then(|id| meta.partial.get(id))
+                .map(|a| a.marker)
+        };
+        let mut take = max.min(meta.complete.len());
+        while take > 0 && take < meta.complete.len() && record(take) == record(take - 1) {
+            take += 1;
+        }
         if take == 0 {
             return Ok(());
         }
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
         let mut change = Change::default();
+        let mut gone = HashMap::new();
         for id in meta.complete.iter().take(take) {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
-            delete_marked(&self.sled.blocks, meta, id, &mut change, counts)?;
+            delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?;
         }
         change.records.insert(M_BYTES, &bytes.to_be_bytes());
         change.records.insert(M_EVENTS, &n_events.to_be_bytes());
         change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
         self.write(meta, |_| self.sled.apply(&change))?;
+        forget_listed(meta, gone);
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {
             if let Some(a) = meta.partial.remove(&id) {
                 let n = u64::from(a.count);

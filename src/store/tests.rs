@@ -381,10 +381,9 @@ fn acknowledged_blocks_are_skipped_deleted_by_reclaim_and_not_sent_after_a_resta
     assert_eq!(left, vec![4, 5]);
     assert_eq!(
         s.reclaim(1).expect("reclaim"),
-        1,
-        "one block deleted, one waits"
+        0,
+        "one acknowledgement completed both blocks: they are deleted together"
     );
-    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
     let st = s.stats();
     assert_eq!(st.bytes, second, "only the unacknowledged block is left");
     assert_eq!(st.events, 2);
@@ -464,6 +463,15 @@ fn the_bound_deletes_acknowledged_blocks_before_dropping_anything() {
         s.reclaimable() < all.len(),
         "acknowledged blocks were deleted"
     );
+    // The bound deletes whole marker records: after a restart no record lists a deleted
+    // block, and the counters are exact.
+    let waiting = s.reclaimable();
+    s.flush().expect("flush");
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.reclaimable(), waiting);
+    assert_eq!(s.stats().events, 100);
+    assert_eq!(s.read_from(0, usize::MAX).expect("read").len(), 100);
 }
 
 #[test]
@@ -538,4 +546,83 @@ fn blocks_an_older_version_kept_among_the_records_are_moved_on_open() {
     );
     // Nothing left to move: opening again moves nothing.
     assert_eq!(migrate_blocks(&s.sled).expect("migrate"), 0);
+}
+
+fn marker_records(s: &Store) -> usize {
+    s.sled.records.scan_prefix([A_PREFIX]).count()
+}
+
+/// One acknowledgement that completes several blocks writes one marker record listing them;
+/// deleting goes by whole records, so a restart finds every listed block still stored, with
+/// exact counters, and a record goes with the blocks it lists.
+#[test]
+fn one_marker_record_lists_the_blocks_of_an_acknowledgement_and_goes_with_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bytes_left, events_left) = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        for i in 0..4 {
+            s.commit(&[counter(2 * i), telemetry(2 * i + 1)], &[])
+                .expect("commit");
+        }
+        let all = refs(&s.read_from(0, 10).expect("read"));
+        // Two acknowledgements of three blocks each; two blocks stay unacknowledged.
+        s.ack_runs(&runs(&all[..3])).expect("ack");
+        s.ack_runs(&runs(&all[3..6])).expect("ack");
+        assert_eq!(s.reclaimable(), 6);
+        assert_eq!(marker_records(&s), 2, "one record per acknowledgement");
+        assert_eq!(
+            s.reclaim(1).expect("reclaim"),
+            3,
+            "a chunk ends with the last block of a record"
+        );
+        assert_eq!(marker_records(&s), 1);
+        s.flush().expect("flush");
+        let st = s.stats();
+        assert_eq!(st.events, 2);
+        (st.bytes, st.events)
+    };
+    let s = reopen(dir.path());
+    assert_eq!(s.reclaimable(), 3);
+    let st = s.stats();
+    assert_eq!((st.events, st.bytes), (events_left, bytes_left));
+    assert_eq!(seqs(&s.read_from(0, 10).expect("read")), vec![7, 8]);
+    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
+    assert_eq!(marker_records(&s), 0, "the record went with its blocks");
+    let st = s.stats();
+    assert_eq!((st.events, st.telemetry), (2, 1));
+    let last_two: u64 = refs(&s.read_from(0, 10).expect("read"))
+        .iter()
+        .map(|e| u64::from(e.block_bytes))
+        .sum();
+    assert_eq!(
+        st.bytes, last_two,
+        "only the unacknowledged blocks are left"
+    );
+}
+
+/// A marker of a version before grouped records (8 bytes: the block its key names) is honoured.
+#[test]
+fn a_single_block_marker_of_an_older_version_is_honoured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        s.commit(&[counter(1), counter(2)], &[]).expect("commit");
+        s.commit(&[counter(3)], &[]).expect("commit");
+        let first = s.read_from(0, 1).expect("read")[0].at;
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(&first.block_len.to_be_bytes());
+        v[4..].copy_from_slice(&first.block_bytes.to_be_bytes());
+        s.sled
+            .records
+            .insert(&marker(first.class, first.block)[..], &v[..])
+            .expect("insert");
+        s.flush().expect("flush");
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.reclaimable(), 1);
+    assert_eq!(seqs(&s.read_from(0, 10).expect("read")), vec![3]);
+    assert_eq!(s.stats().events, 1);
+    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
+    assert_eq!(s.stats().events, 1);
+    assert_eq!(marker_records(&s), 0);
 }
