@@ -422,6 +422,11 @@ type MarkerKey = [u8; 10];
 
 /// Bytes per block listed in a marker record: class prefix, block (first seq), events, bytes.
 const MARKER_ENTRY: usize = 17;
+/// Blocks a marker record lists at most: its blocks are deleted in one transaction, which holds
+/// them in memory meanwhile (sled reads what a transaction removes) and the store lock.
+const MARKER_RECORD_BLOCKS: usize = 64;
+/// Bytes of blocks a marker record lists at most (a record holds one block beyond it at most).
+const MARKER_RECORD_BYTES: u64 = 2 << 20;
 
 /// Appends the entry of the wholly acknowledged block `(class, block)` to a marker record.
 fn marker_entry(out: &mut Vec<u8>, class: Class, block: u64, a: &Acked) {
@@ -632,7 +637,19 @@ const MIGRATE_CHUNK: usize = 64;
 /// chunk by chunk, so that an open that is stopped half-way (a start-up timeout on slow flash)
 /// keeps its progress; returns how many moved. Runs at every open, so blocks that such a
 /// version wrote after a downgrade move too; with nothing to move it costs two lookups.
-fn migrate_blocks(sled: &Sled) -> Result<u64, StoreError> {
+fn migrate_blocks(sled: &Sled, dir: &Path) -> Result<u64, StoreError> {
+    let older = [Class::Keep, Class::Telemetry]
+        .iter()
+        .any(|c| sled.records.scan_prefix([prefix(*c)]).next().is_some());
+    if !older {
+        return Ok(0);
+    }
+    // sled does not survive a full disk (see the module documentation): without the default
+    // free space the blocks stay where they are, unread, until an open with room moves them.
+    if free_bytes(dir).is_ok_and(|free| free < DEFAULT_MIN_FREE) {
+        tracing::warn!(dir = %dir.display(), "store: blocks of an older layout not moved yet, the disk is almost full");
+        return Ok(0);
+    }
     let mut moved = 0;
     for class in [Class::Keep, Class::Telemetry] {
         loop {
@@ -742,7 +759,7 @@ impl Store {
             blocks: db.open_tree("blocks")?,
             db,
         };
-        migrate_blocks(&sled)?;
+        migrate_blocks(&sled, dir)?;
         let mut meta = Meta {
             next_seq: read_u64(&tree, M_NEXT)?.max(1),
             bytes: read_u64(&tree, M_BYTES)?,
@@ -1324,17 +1341,24 @@ impl Store {
                 meta.partial_telemetry += newly;
             }
         }
-        if let Some(&(class, block)) = sealed.first() {
-            // One record lists every block this acknowledgement completed: one plain insert
-            // (not a batch: sled writes out its log buffer for every batch), however many
-            // small blocks a publish spans.
+        // One record lists the blocks this acknowledgement completed: one plain insert (not a
+        // batch: sled writes out its log buffer for every batch) for many small blocks. A
+        // record is deleted with all its blocks at once, so it lists a bounded amount.
+        let mut rest = sealed.as_slice();
+        while let Some(&(class, block)) = rest.first() {
             let record = marker(class, block);
-            let mut v = Vec::with_capacity(sealed.len() * MARKER_ENTRY);
-            for id in &sealed {
+            let mut v = Vec::new();
+            let (mut n, mut bytes) = (0, 0u64);
+            while let Some(id) = rest.get(n) {
+                if n == MARKER_RECORD_BLOCKS || (n > 0 && bytes >= MARKER_RECORD_BYTES) {
+                    break;
+                }
                 if let Some(a) = meta.partial.get_mut(id) {
                     a.marker = record;
+                    bytes += u64::from(a.bytes);
                     marker_entry(&mut v, id.0, id.1, a);
                 }
+                n += 1;
             }
             let result = self.write(&mut meta, |_| {
                 self.sled.records.insert(&record[..], v)?;
@@ -1343,8 +1367,9 @@ impl Store {
             if let Err(error) = result {
                 tracing::debug!(%error, "acknowledgement markers not written; a restart would send those blocks again");
             }
-            meta.markers.insert(record, sealed.len() as u32);
-            meta.complete.extend(sealed);
+            meta.markers.insert(record, n as u32);
+            meta.complete.extend(&rest[..n]);
+            rest = &rest[n..];
         }
         Ok(())
     }

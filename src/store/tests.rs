@@ -545,7 +545,7 @@ fn blocks_an_older_version_kept_among_the_records_are_moved_on_open() {
         (stats.events, stats.bytes, stats.telemetry)
     );
     // Nothing left to move: opening again moves nothing.
-    assert_eq!(migrate_blocks(&s.sled).expect("migrate"), 0);
+    assert_eq!(migrate_blocks(&s.sled, dir.path()).expect("migrate"), 0);
 }
 
 fn marker_records(s: &Store) -> usize {
@@ -625,4 +625,26 @@ fn a_single_block_marker_of_an_older_version_is_honoured() {
     assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
     assert_eq!(s.stats().events, 1);
     assert_eq!(marker_records(&s), 0);
+}
+
+/// A marker record lists at most 64 blocks, so that deleting one (a transaction under the store
+/// lock) stays small however many blocks one acknowledgement completes.
+#[test]
+fn a_marker_record_lists_a_bounded_number_of_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+    for i in 0..100 {
+        s.commit(&[counter(i)], &[]).expect("commit");
+    }
+    let all = refs(&s.read_from(0, usize::MAX).expect("read"));
+    s.ack_runs(&runs(&all)).expect("ack");
+    assert_eq!(marker_records(&s), 2);
+    assert_eq!(
+        s.reclaim(1).expect("reclaim"),
+        36,
+        "one record of 64 blocks deleted"
+    );
+    assert_eq!(s.reclaim(1).expect("reclaim"), 0);
+    assert_eq!(marker_records(&s), 0);
+    assert_eq!(s.stats().bytes, 0);
 }

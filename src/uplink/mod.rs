@@ -520,11 +520,12 @@ const ACK_BATCH: u64 = 16;
 /// How long PUBACKs wait for more before they are handed to the acker anyway.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
-/// Wholly acknowledged blocks that may wait for deletion while a backlog drains (about 80 bytes
-/// of memory each, so up to about 5 MiB); beyond, they are deleted as they complete. A backlog
-/// committed in small groups has tens of thousands of blocks per million events, and deleting
-/// them while draining halves the drain rate.
-const RECLAIM_DEFER_MAX: usize = 65536;
+/// Wholly acknowledged blocks that may wait for deletion while a backlog drains; beyond, they are
+/// deleted as they complete. Waiting costs memory beyond a few bytes per block: sled keeps the
+/// leaves a drain read in memory until they change (its cache accounts accesses in batches),
+/// so deleting as the drain goes is what bounds the memory of a long drain. A backlog of small
+/// blocks drains slower for it (tens of thousands of deletes per million events).
+const RECLAIM_DEFER_MAX: usize = 4096;
 /// Blocks deleted per store operation (the store is locked meanwhile).
 const RECLAIM_CHUNK: usize = 64;
 
@@ -666,7 +667,11 @@ impl Frame {
         self.events += 1;
     }
 
-    fn done(self) -> Prepared {
+    fn done(mut self) -> Prepared {
+        // The room was a guess: a payload holds on to it until its PUBACK.
+        if self.body.capacity() > self.body.len() + self.body.len() / 4 {
+            self.body.shrink_to_fit();
+        }
         Prepared {
             body: self.body,
             runs: self.runs,
