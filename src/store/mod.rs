@@ -10,17 +10,19 @@
 //! every few commits rewrite up to 16 blocks (megabytes, written out as blob files).
 //!
 //! Keys in `blocks`: `k`+first seq (block of kept events), `t`+first seq (block of telemetry,
-//! shed first). In `floorgate`: `a`+block key (marker: the block is wholly acknowledged),
+//! shed first). In `floorgate`: `a`+block key (marker record: the blocks it lists are wholly
+//! acknowledged),
 //! `s`+device (snapshot), `m`+name (meta: next seq, byte and event counts), `c`+id and `v`+name
 //! (small records: command outcomes, config versions). Versions before the blocks tree kept the
 //! blocks in `floorgate` too; opening moves them (see `migrate_blocks`).
 //!
 //! Acknowledging is cheap, deleting is not: sled rewrites the node that holds a block, and
-//! with blocks of up to 256 KiB a node is large. So a wholly acknowledged block only gets a
-//! small marker record; the blocks themselves are deleted in bulk by [`Store::reclaim`], which
-//! the uplink calls once a backlog is drained (or when too many wait, or when the bound needs
-//! the room). Readers skip marked blocks, a restart loads the markers (a few bytes per block),
-//! so nothing acknowledged is sent again.
+//! with blocks of up to 256 KiB a node is large. So the blocks one acknowledgement completes
+//! only get a small marker record that lists them (up to 64 blocks or 2 MiB); the blocks
+//! themselves are deleted by [`Store::reclaim`], whole records at a time, which the uplink
+//! calls once a backlog is drained (or when too many wait, or when the bound needs the room).
+//! Readers skip marked blocks, a restart loads the markers (17 bytes per block), so nothing
+//! acknowledged is sent again.
 //!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
