@@ -269,28 +269,14 @@ fn proc_stat(pid: u32) -> (f64, f64) {
     (cpu_s, rss_kb / 1024.0)
 }
 
+/// `floorgate run` polling 64 simulated devices at 1 s: CPU (% of a core) and RSS max (MiB) over
+/// `secs`. With `backlog`, the uplink points at a closed port, so everything stays buffered.
 async fn footprint(pki: &Pki, broker: &Broker, secs: u64, backlog: bool) -> (f64, f64) {
     let stop = CancellationToken::new();
-    let (tcp, _devs) = SimFloor::tcp(32, 32, stop.clone()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut text = format!(
-        "[gateway]\nid = \"bench-fp\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"off\"\n[uplink]\nurl = \"mqtts://localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n",
-        dir.path().join("state").display(),
-        env!("CARGO_MANIFEST_DIR"),
-        // With `backlog`, the uplink points at a closed port: everything stays buffered.
-        if backlog { free_port() } else { broker.port },
-        pki.ca_cert.display(),
-        pki.client_cert.display(),
-        pki.client_key.display()
-    );
-    for u in 1..=64 {
-        let profile = if u <= 32 {
-            "bag_dispenser"
-        } else {
-            "charging_cabinet"
-        };
-        text.push_str(&format!("[[device]]\nname = \"d{u}\"\nbus = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\npoll = \"1s\"\n"));
-    }
+    let port = if backlog { free_port() } else { broker.port };
+    let (text, metrics) = floor_config(dir.path(), pki, port, stop.clone()).await;
+    let _ = metrics;
     let mut child = run_daemon(dir.path(), &text);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (c0, _) = proc_stat(child.id());
@@ -306,6 +292,92 @@ async fn footprint(pki: &Pki, broker: &Broker, secs: u64, backlog: bool) -> (f64
     let _ = child.wait();
     stop.cancel();
     (cpu, rss_max)
+}
+
+/// The configuration of the footprint runs: 64 simulated devices (32 bag dispensers, 32
+/// cabinets) on Modbus TCP polled at 1 s, the uplink at `port`, state in `dir`/state, metrics on
+/// the returned port. The simulators run until `stop`.
+async fn floor_config(
+    dir: &std::path::Path,
+    pki: &Pki,
+    port: u16,
+    stop: CancellationToken,
+) -> (String, u16) {
+    let (tcp, _devs) = SimFloor::tcp(32, 32, stop).await.unwrap();
+    let metrics = free_port();
+    let mut text = format!(
+        "[gateway]\nid = \"bench-fp\"\nstate_dir = \"{}\"\ninclude = [\"{}/config/profiles/*.toml\"]\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[uplink]\nurl = \"mqtts://localhost:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bus]]\nname = \"lan\"\ntcp = {{ address = \"{tcp}\" }}\n",
+        dir.join("state").display(),
+        env!("CARGO_MANIFEST_DIR"),
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    for u in 1..=64 {
+        let profile = if u <= 32 {
+            "bag_dispenser"
+        } else {
+            "charging_cabinet"
+        };
+        text.push_str(&format!("[[device]]\nname = \"d{u}\"\nbus = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\npoll = \"1s\"\n"));
+    }
+    (text, metrics)
+}
+
+/// A value of the daemon's Prometheus endpoint on `port`.
+async fn metric(port: u16, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// `floorgate run` polling the 64 devices after a restart with `n` events buffered (committed
+/// [`SMALL_COMMIT`] at a time): seconds until the backlog is drained, CPU (% of a core) and RSS
+/// max (MiB) meanwhile.
+async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (text, metrics) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
+    let state = dir.path().join("state");
+    {
+        let store = Store::open(&state, 4 << 20, 4 << 30).unwrap();
+        fill(&store, n, SMALL_COMMIT);
+    }
+    // The daemon opens the store once sled's I/O threads let go of it.
+    drop(reopen(&state).0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut child = run_daemon(dir.path(), &text);
+    let (c0, _) = proc_stat(child.id());
+    let t0 = Instant::now();
+    let mut rss_max: f64 = 0.0;
+    let mut drained = f64::NAN;
+    while t0.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss_max = rss_max.max(proc_stat(child.id()).1);
+        // Live events keep coming: drained once fewer than a second's worth are stored.
+        if metric(metrics, "floorgate_store_events")
+            .await
+            .is_some_and(|v| v < 1000.0)
+        {
+            drained = t0.elapsed().as_secs_f64();
+            break;
+        }
+    }
+    let (c1, _) = proc_stat(child.id());
+    let cpu = (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    stop.cancel();
+    (drained, cpu, rss_max)
 }
 
 /// The reference floor (8 bag dispensers, 4 cabinets on one RS485 line) at `baud`: measured poll
@@ -530,6 +602,8 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
         let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
         let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
         println!("  64 devices at 1 s: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
+        let (drain_s, cpu_d, rss_d) = drain_footprint(&pki, &broker, n).await;
+        println!("  the same after a restart with {n} events buffered: drained in {drain_s:.1} s, CPU {cpu_d:.0} %, RSS max {rss_d:.1} MiB");
     }
     if want("latency") {
         let (p50, p99) = latency(&pki, &broker).await;
@@ -615,6 +689,8 @@ async fn main() {
     let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
     let (cpu_b, rss_b) = footprint(&pki, &broker, fp_secs, true).await;
     println!("  the same while buffering (uplink unreachable): CPU {cpu_b:.2} % of a core, RSS max {rss_b:.1} MiB");
+    let (drain_s, cpu_d, rss_d) = drain_footprint(&pki, &broker, n).await;
+    println!("  the same after a restart with {n} events buffered ({SMALL_COMMIT} per commit): drained in {drain_s:.1} s, CPU {cpu_d:.0} % of a core, RSS max {rss_d:.1} MiB meanwhile");
     let bus9600 = bus_efficiency(9600).await;
     let bus19200 = bus_efficiency(19200).await;
     let (p50, p99) = latency(&pki, &broker).await;
@@ -652,6 +728,7 @@ async fn main() {
         "drain_rounds_cpu_us_per_event": drain_cpus,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "footprint_64_devices_buffering": { "cpu_percent": cpu_b, "rss_max_mib": rss_b, "window_s": fp_secs },
+        "footprint_64_devices_draining": { "backlog_events": n, "events_per_commit": SMALL_COMMIT, "drained_s": drain_s, "cpu_percent": cpu_d, "rss_max_mib": rss_d },
         "backlog_events": n,
         "bus_efficiency": [bus9600, bus19200],
         "latency_ms": { "p50": p50, "p99": p99 },

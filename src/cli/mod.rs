@@ -115,8 +115,21 @@ fn init_logging(format: Option<&str>, default_level: &str) {
     };
 }
 
+/// Two malloc arenas instead of glibc's default of eight per core. Every thread that allocates
+/// under contention gets an arena of its own, and memory freed in one is not reused by another:
+/// a backlog drain (store reader, acker, sled's I/O threads, the runtime) measured 62–70 MiB of
+/// RSS with the default, 42–51 MiB with two arenas, at the same drain time.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> i32 {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Demo(_));
     init_logging(
