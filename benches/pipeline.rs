@@ -25,6 +25,8 @@
 
 #[path = "../tests/integration/support/broker.rs"]
 mod broker;
+#[path = "../tests/integration/support/metrics.rs"]
+mod metrics;
 
 use broker::{mqtt_options_with, tls_client_config, Broker, Pki};
 use floorgate::config::{Bus, BusKind, Parity};
@@ -275,8 +277,7 @@ async fn footprint(pki: &Pki, broker: &Broker, secs: u64, backlog: bool) -> (f64
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
     let port = if backlog { free_port() } else { broker.port };
-    let (text, metrics) = floor_config(dir.path(), pki, port, stop.clone()).await;
-    let _ = metrics;
+    let (text, _) = floor_config(dir.path(), pki, port, stop.clone()).await;
     let mut child = run_daemon(dir.path(), &text);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (c0, _) = proc_stat(child.id());
@@ -324,29 +325,13 @@ async fn floor_config(
     (text, metrics)
 }
 
-/// A value of the daemon's Prometheus endpoint on `port`.
-async fn metric(port: u16, series: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    body.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|v| v.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 /// `floorgate run` polling the 64 devices after a restart with `n` events buffered (committed
 /// [`SMALL_COMMIT`] at a time): seconds until the backlog is drained, CPU (% of a core) and RSS
 /// max (MiB) meanwhile.
 async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) {
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
-    let (text, metrics) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
+    let (text, metrics_port) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
     let state = dir.path().join("state");
     {
         let store = Store::open(&state, 4 << 20, 4 << 30).unwrap();
@@ -364,7 +349,7 @@ async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) 
         tokio::time::sleep(Duration::from_millis(100)).await;
         rss_max = rss_max.max(proc_stat(child.id()).1);
         // Live events keep coming: drained once fewer than a second's worth are stored.
-        if metric(metrics, "floorgate_store_events")
+        if metrics::scrape(metrics_port, "floorgate_store_events")
             .await
             .is_some_and(|v| v < 1000.0)
         {

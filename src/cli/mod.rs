@@ -116,9 +116,10 @@ fn init_logging(format: Option<&str>, default_level: &str) {
 }
 
 /// Two malloc arenas instead of glibc's default of eight per core. Every thread that allocates
-/// under contention gets an arena of its own, and memory freed in one is not reused by another:
-/// a backlog drain (store reader, acker, sled's I/O threads, the runtime) measured 62–70 MiB of
-/// RSS with the default, 42–51 MiB with two arenas, at the same drain time.
+/// under contention gets an arena of its own, and memory freed in one is not reused by another.
+/// While a backlog drains (store reader, acker, sled's I/O threads, the runtime), RSS measured
+/// 62–75 MiB with the default (5 runs, median 70) and 42–77 MiB with two arenas (12 runs,
+/// median 55), at the same drain time: a spread wider than the effect, but a lower middle.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a parameter of the allocator; called before any thread starts.

@@ -162,21 +162,9 @@ impl Gateway {
         assert!(self.wait_log(needle, within).await, "{}", self.log());
     }
 
-    /// Reads one metric series (exact line prefix, e.g. `floorgate_store_events` or
-    /// `floorgate_device_online{device="a"}`) from the metrics endpoint.
+    /// Reads one metric series (see [`super::metrics::scrape`]).
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        body.lines().find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|v| v.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        super::metrics::scrape(self.metrics_port, series).await
     }
 
     /// Waits until a metric satisfies `pred`.

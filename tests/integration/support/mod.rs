@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod gateway;
+pub mod metrics;
 pub mod proxy;
 pub mod tmpfs;
 
