@@ -343,6 +343,15 @@ struct Change {
     blocks: sled::Batch,
 }
 
+impl Change {
+    /// Sets the persisted counters: bytes, events and telemetry events stored.
+    fn counters(&mut self, bytes: u64, events: u64, telemetry: u64) {
+        self.records.insert(M_BYTES, &bytes.to_be_bytes());
+        self.records.insert(M_EVENTS, &events.to_be_bytes());
+        self.records.insert(M_TELEMETRY, &telemetry.to_be_bytes());
+    }
+}
+
 impl Sled {
     /// Applies `change` atomically: one sled transaction over both trees, which sled logs and
     /// recovers like one batch.
@@ -1093,9 +1102,7 @@ impl Store {
             change.records.insert(k, snap.as_slice());
         }
         change.records.insert(M_NEXT, &seq.to_be_bytes());
-        change.records.insert(M_BYTES, &bytes.to_be_bytes());
-        change.records.insert(M_EVENTS, &n_events.to_be_bytes());
-        change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
+        change.counters(bytes, n_events, n_tel);
         self.sled.apply(&change)?;
         self.sled.db.flush()?;
         forget_listed(meta, gone);
@@ -1350,7 +1357,7 @@ impl Store {
         while let Some(&(class, block)) = rest.first() {
             let record = marker(class, block);
             let mut v = Vec::new();
-            let (mut n, mut bytes) = (0, 0u64);
+            let (mut n, mut listed, mut bytes) = (0, 0u32, 0u64);
             while let Some(id) = rest.get(n) {
                 if n == MARKER_RECORD_BLOCKS || (n > 0 && bytes >= MARKER_RECORD_BYTES) {
                     break;
@@ -1359,6 +1366,7 @@ impl Store {
                     a.marker = record;
                     bytes += u64::from(a.bytes);
                     marker_entry(&mut v, id.0, id.1, a);
+                    listed += 1;
                 }
                 n += 1;
             }
@@ -1369,7 +1377,7 @@ impl Store {
             if let Err(error) = result {
                 tracing::debug!(%error, "acknowledgement markers not written; a restart would send those blocks again");
             }
-            meta.markers.insert(record, n as u32);
+            meta.markers.insert(record, listed);
             meta.complete.extend(&rest[..n]);
             rest = &rest[n..];
         }
@@ -1413,9 +1421,7 @@ impl Store {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
             delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?;
         }
-        change.records.insert(M_BYTES, &bytes.to_be_bytes());
-        change.records.insert(M_EVENTS, &n_events.to_be_bytes());
-        change.records.insert(M_TELEMETRY, &n_tel.to_be_bytes());
+        change.counters(bytes, n_events, n_tel);
         self.write(meta, |_| self.sled.apply(&change))?;
         forget_listed(meta, gone);
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {
