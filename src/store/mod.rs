@@ -278,11 +278,18 @@ struct Meta {
     /// Wholly acknowledged blocks not deleted yet, in the order they completed (each is listed
     /// in a marker record); [`Store::reclaim`] deletes them.
     complete: VecDeque<(Class, u64)>,
+    /// Bytes of the blocks in `complete`.
+    complete_bytes: u64,
     /// Marker records and how many of the blocks they list are still stored.
     markers: HashMap<MarkerKey, u32>,
     /// Per class ([`class_index`]): every block starting below this seq is wholly acknowledged
     /// or gone. Advanced lazily by [`Store::front`], so that reads skip the acknowledged front.
     front: [u64; 2],
+    /// Per class: no reader has been handed a block starting at or above this seq, so
+    /// [`Store::pack`] may merge such blocks.
+    unread: [u64; 2],
+    /// Per class: small unread blocks committed since the last pack.
+    loose: [Loose; 2],
     partial_events: u64,
     partial_telemetry: u64,
     /// The group of a commit that could not be written.
@@ -291,6 +298,17 @@ struct Meta {
     failed: Option<String>,
     /// Failed, and the directory takes writes again: time to restart.
     restart: bool,
+}
+
+/// Small blocks of one class, committed one after the other and not read yet: what the next
+/// pack merges.
+#[derive(Debug, Default, Clone, Copy)]
+struct Loose {
+    /// First seq of the first of them.
+    from: u64,
+    blocks: u64,
+    bytes: u64,
+    events: u64,
 }
 
 /// A group whose commit could not be written, kept in memory.
@@ -404,6 +422,10 @@ const A_PREFIX: u8 = b'a';
 const BLOCK_EVENTS: usize = 1000;
 /// Bytes per block at most (bounds the memory of one read).
 const BLOCK_BYTES: usize = 256 << 10;
+/// Unread small blocks are merged into blocks of up to this many bytes (see [`Store::pack`]).
+const PACK_BYTES: usize = 64 << 10;
+/// A block this small or smaller is merged with the ones after it while unread.
+const PACK_SMALL: usize = PACK_BYTES / 2;
 fn prefix(class: Class) -> u8 {
     match class {
         Class::Keep => b'k',
@@ -532,6 +554,18 @@ fn delete_marked(
     }
     change.blocks.remove(&key(id.0, id.1)[..]);
     Ok(Some(n))
+}
+
+/// Notes that blocks of `class` below seq `next` were handed to a reader: packing leaves them
+/// alone from now on, and loose blocks among them are no longer merged.
+fn handed(meta: &mut Meta, class: Class, next: u64) {
+    let i = class_index(class);
+    if next > meta.unread[i] {
+        meta.unread[i] = next;
+        if meta.loose[i].from < next {
+            meta.loose[i] = Loose::default();
+        }
+    }
 }
 
 fn class_index(class: Class) -> usize {
@@ -778,6 +812,8 @@ impl Store {
             telemetry: read_u64(&tree, M_TELEMETRY)?,
             ..Meta::default()
         };
+        // What a version before packing committed is not packed (it may have been read).
+        meta.unread = [meta.next_seq; 2];
         // Wholly acknowledged blocks not deleted before the stop: a few bytes each.
         for item in tree.scan_prefix([A_PREFIX]) {
             let (k, v) = item?;
@@ -796,6 +832,7 @@ impl Store {
                 }
                 meta.partial.insert(id, Acked::sealed(len, bytes, record));
                 meta.complete.push_back(id);
+                meta.complete_bytes += u64::from(bytes);
                 listed += 1;
             }
             if listed > 0 {
@@ -875,6 +912,7 @@ impl Store {
             return Err(StoreError::Held(h.error.clone()));
         }
         let r = self.write(&mut meta, |m| self.commit_locked(m, events, snapshots))?;
+        self.pack_loose(&mut meta);
         drop(meta);
         self.notify(&r);
         Ok(r)
@@ -894,6 +932,7 @@ impl Store {
         }
         match self.write(&mut meta, |m| self.commit_locked(m, &events, &snapshots)) {
             Ok(r) => {
+                self.pack_loose(&mut meta);
                 drop(meta);
                 self.notify(&r);
                 Ok(r)
@@ -1119,6 +1158,12 @@ impl Store {
                 complete, partial, ..
             } = meta;
             complete.retain(|id| partial.contains_key(id));
+            meta.complete_bytes = meta
+                .complete
+                .iter()
+                .filter_map(|id| meta.partial.get(id))
+                .map(|a| u64::from(a.bytes))
+                .sum();
         }
         if let Some((n, first_seq, last_seq)) = dropped.0 {
             meta.dropped += n;
@@ -1129,11 +1174,125 @@ impl Store {
                 "store full: dropped oldest events"
             );
         }
+        for (class, k, v, count) in &blocks {
+            let i = class_index(*class);
+            let first = seq_of(k);
+            if first < meta.unread[i] || v.len() > PACK_SMALL {
+                continue;
+            }
+            let loose = &mut meta.loose[i];
+            if loose.blocks == 0 {
+                loose.from = first;
+            }
+            loose.blocks += 1;
+            loose.bytes += size(k, v);
+            loose.events += u64::from(*count);
+        }
         meta.next_seq = seq;
         meta.bytes = bytes;
         meta.events = n_events;
         meta.telemetry = n_tel;
         Ok(first..seq)
+    }
+
+    /// Packs the classes whose loose blocks fill a block of [`PACK_BYTES`]. Packing is an
+    /// optimisation: when it cannot be written the blocks stay as they are.
+    fn pack_loose(&self, meta: &mut Meta) {
+        for class in [Class::Telemetry, Class::Keep] {
+            let loose = meta.loose[class_index(class)];
+            if loose.bytes < PACK_BYTES as u64 && loose.events < BLOCK_EVENTS as u64 {
+                continue;
+            }
+            if let Err(error) = self.write(meta, |m| self.pack(m, class)) {
+                tracing::debug!(%error, "small blocks not merged");
+                meta.loose[class_index(class)] = Loose::default();
+            }
+        }
+    }
+
+    /// Merges consecutive unread blocks of `class`, from its loose blocks on, into blocks of up
+    /// to [`PACK_BYTES`] and [`BLOCK_EVENTS`], in one transaction; what does not fill a block
+    /// stays loose for the next pack.
+    ///
+    /// Why: a floor commits every 50 ms, a few events at a time, and while the uplink is down
+    /// those commits pile up as tiny blocks. Reading, acknowledging and deleting cost sled
+    /// work per block, so a backlog of tiny blocks drains many times slower than the same
+    /// events in large blocks (measured: 0.19 M events/s with 5 events per block against 2.5 M
+    /// with 500). Packing only touches blocks no reader has been handed (`meta.unread`), so no
+    /// [`EventRef`] names a block that packing removes, and none of them has acknowledgements.
+    /// Not flushed: the next commit's flush makes it durable, and a crash before it keeps the
+    /// small blocks, which hold the same events.
+    fn pack(&self, meta: &mut Meta, class: Class) -> Result<(), StoreError> {
+        let i = class_index(class);
+        let from = meta.loose[i].from.max(meta.unread[i]);
+        meta.loose[i] = Loose::default();
+        let end = key(class, meta.next_seq);
+        let start = key(class, from);
+        if start >= end {
+            return Ok(());
+        }
+        let mut change = Change::default();
+        let mut merged_blocks = 0usize;
+        let mut bytes = meta.bytes;
+        let mut group: Vec<(sled::IVec, sled::IVec)> = Vec::new();
+        let mut group_bytes = 0usize;
+        let mut group_events = 0u32;
+        let mut merge = |group: &mut Vec<(sled::IVec, sled::IVec)>, bytes: &mut u64| {
+            if group.len() > 1 {
+                let count = group.iter().map(|(_, v)| block_header(v).0).sum::<u32>();
+                let last = group.last().map_or(0, |(_, v)| block_header(v).1);
+                let size = 12 + group.iter().map(|(_, v)| v.len() - 12).sum::<usize>();
+                let mut merged = Vec::with_capacity(size);
+                merged.extend_from_slice(&count.to_be_bytes());
+                merged.extend_from_slice(&last.to_be_bytes());
+                for (k, v) in group.iter() {
+                    merged.extend_from_slice(&v[12..]);
+                    *bytes -= (k.len() + v.len()) as u64;
+                    change.blocks.remove(k.clone());
+                }
+                *bytes += (group[0].0.len() + merged.len()) as u64;
+                change.blocks.insert(group[0].0.clone(), merged);
+                merged_blocks += group.len();
+            }
+            group.clear();
+        };
+        for item in self.sled.blocks.range(start..end) {
+            let (k, v) = item?;
+            let (count, _) = block_header(&v);
+            if v.len() < 12 || meta.partial.contains_key(&(class, seq_of(&k))) {
+                // Not expected above `unread`; left alone.
+                merge(&mut group, &mut bytes);
+                continue;
+            }
+            let fits = group_bytes + v.len() - 12 <= PACK_BYTES
+                && group_events as usize + count as usize <= BLOCK_EVENTS;
+            if !fits {
+                merge(&mut group, &mut bytes);
+            }
+            if group.is_empty() {
+                group_bytes = 12;
+                group_events = 0;
+            }
+            group_bytes += v.len() - 12;
+            group_events += count;
+            group.push((k, v));
+        }
+        // The last group did not fill a block: it stays loose.
+        if let Some((k, _)) = group.first() {
+            meta.loose[i] = Loose {
+                from: seq_of(k),
+                blocks: group.len() as u64,
+                bytes: group.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
+                events: u64::from(group_events),
+            };
+        }
+        if merged_blocks == 0 {
+            return Ok(());
+        }
+        change.counters(bytes, meta.events, meta.telemetry);
+        self.sled.apply(&change)?;
+        meta.bytes = bytes;
+        Ok(())
     }
 
     /// Appends a `gap` event reporting events removed outside the bound (e.g. a purge).
@@ -1191,6 +1350,7 @@ impl Store {
             }
             let (k, v) = item?;
             push_events(class, &k, &v, from, meta, max, out);
+            handed(meta, class, block_header(&v).1 + 1);
         }
         Ok(())
     }
@@ -1276,6 +1436,7 @@ impl Store {
                 break;
             }
         }
+        handed(&mut meta, class, next);
         Ok(next)
     }
 
@@ -1379,6 +1540,7 @@ impl Store {
             }
             meta.markers.insert(record, listed);
             meta.complete.extend(&rest[..n]);
+            meta.complete_bytes += bytes;
             rest = &rest[n..];
         }
         Ok(())
@@ -1387,6 +1549,11 @@ impl Store {
     /// Wholly acknowledged blocks waiting to be deleted.
     pub fn reclaimable(&self) -> usize {
         lock(&self.meta).complete.len()
+    }
+
+    /// Bytes of the wholly acknowledged blocks waiting to be deleted.
+    pub fn reclaimable_bytes(&self) -> u64 {
+        lock(&self.meta).complete_bytes
     }
 
     /// Deletes up to `max` wholly acknowledged blocks (the longest acknowledged first) with
@@ -1426,6 +1593,7 @@ impl Store {
         forget_listed(meta, gone);
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {
             if let Some(a) = meta.partial.remove(&id) {
+                meta.complete_bytes -= u64::from(a.bytes);
                 let n = u64::from(a.count);
                 meta.partial_events -= n;
                 if id.0 == Class::Telemetry {

@@ -569,6 +569,9 @@ fn one_marker_record_lists_the_blocks_of_an_acknowledgement_and_goes_with_them()
         s.ack_runs(&runs(&all[..3])).expect("ack");
         s.ack_runs(&runs(&all[3..6])).expect("ack");
         assert_eq!(s.reclaimable(), 6);
+        let acked_bytes =
+            |refs: &[EventRef]| -> u64 { refs.iter().map(|e| u64::from(e.block_bytes)).sum() };
+        assert_eq!(s.reclaimable_bytes(), acked_bytes(&all[..6]));
         assert_eq!(marker_records(&s), 2, "one record per acknowledgement");
         assert_eq!(
             s.reclaim(1).expect("reclaim"),
@@ -576,6 +579,7 @@ fn one_marker_record_lists_the_blocks_of_an_acknowledgement_and_goes_with_them()
             "a chunk ends with the last block of a record"
         );
         assert_eq!(marker_records(&s), 1);
+        assert_eq!(s.reclaimable_bytes(), acked_bytes(&all[3..6]));
         s.flush().expect("flush");
         let st = s.stats();
         assert_eq!(st.events, 2);
@@ -583,11 +587,14 @@ fn one_marker_record_lists_the_blocks_of_an_acknowledgement_and_goes_with_them()
     };
     let s = reopen(dir.path());
     assert_eq!(s.reclaimable(), 3);
+    let waiting = s.reclaimable_bytes();
     let st = s.stats();
     assert_eq!((st.events, st.bytes), (events_left, bytes_left));
     assert_eq!(seqs(&s.read_from(0, 10).expect("read")), vec![7, 8]);
     assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
     assert_eq!(marker_records(&s), 0, "the record went with its blocks");
+    assert_eq!(s.reclaimable_bytes(), 0);
+    assert!(waiting > 0 && waiting == bytes_left - s.stats().bytes);
     let st = s.stats();
     assert_eq!((st.events, st.telemetry), (2, 1));
     let last_two: u64 = refs(&s.read_from(0, 10).expect("read"))
@@ -647,4 +654,104 @@ fn a_marker_record_lists_a_bounded_number_of_blocks() {
     assert_eq!(s.reclaim(1).expect("reclaim"), 0);
     assert_eq!(marker_records(&s), 0);
     assert_eq!(s.stats().bytes, 0);
+}
+
+/// Blocks and bytes as stored in the blocks tree.
+fn stored_blocks(s: &Store) -> (usize, u64) {
+    s.sled.blocks.iter().fold((0, 0), |(n, bytes), item| {
+        let (k, v) = item.expect("block");
+        (n + 1, bytes + (k.len() + v.len()) as u64)
+    })
+}
+
+/// Bytes of the small blocks from seq `from` on (what packing has not merged).
+fn loose_bytes(s: &Store, from: u64) -> u64 {
+    s.sled
+        .blocks
+        .iter()
+        .map(|item| item.expect("block"))
+        .filter(|(k, v)| seq_of(k) >= from && v.len() <= PACK_SMALL)
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum()
+}
+
+/// Commits of a few events while no reader reads (an uplink outage) are merged into large
+/// blocks; every event stays, with its seq and JSON, and the counters stay exact.
+#[test]
+fn unread_small_blocks_are_packed_into_large_ones_with_every_event_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events: Vec<Event> = (1..=3000)
+        .map(|i| if i % 2 == 0 { telemetry(i) } else { counter(i) })
+        .collect();
+    {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        for chunk in events.chunks(3) {
+            s.commit(chunk, &[]).expect("commit");
+        }
+        let (blocks, bytes) = stored_blocks(&s);
+        assert!(blocks < 1000, "2000 small blocks, {blocks} after packing");
+        assert!(
+            loose_bytes(&s, 0) < 2 * PACK_BYTES as u64,
+            "at most one block of small blocks per class is not packed yet"
+        );
+        let st = s.stats();
+        assert_eq!((st.events, st.telemetry, st.bytes), (3000, 1500, bytes));
+        s.flush().expect("flush");
+    }
+    let s = reopen(dir.path());
+    let (_, bytes) = stored_blocks(&s);
+    let st = s.stats();
+    assert_eq!((st.events, st.telemetry, st.bytes), (3000, 1500, bytes));
+    let all = s.read_from(0, usize::MAX).expect("read");
+    assert_eq!(seqs(&all), (1..=3000).collect::<Vec<u64>>());
+    for (stored, event) in all.iter().zip(&events) {
+        assert_eq!(stored.json(), &event.encode(stored.seq())[..]);
+    }
+    let mut reader = Reader::new(0);
+    assert_eq!(seqs(&reader.read(&s, 5000).expect("read")), seqs(&all));
+    s.ack(&refs(&all)).expect("ack");
+    assert_eq!((s.stats().events, s.stats().bytes), (0, 0));
+    assert_eq!(stored_blocks(&s), (0, 0));
+}
+
+/// Packing leaves the blocks a reader was handed alone: their acknowledgements still find
+/// them, so nothing acknowledged is sent again, also after a restart.
+#[test]
+fn packing_leaves_the_blocks_a_reader_holds_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let later: Vec<u64> = {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
+        for i in 0..20 {
+            s.commit(&[counter(2 * i + 1), telemetry(2 * i + 2)], &[])
+                .expect("commit");
+        }
+        let mut reader = Reader::new(0);
+        let first = reader.read(&s, 30).expect("read");
+        assert_eq!(first.len(), 30);
+        // The outage: 3000 more events, a few per commit; they are packed.
+        for i in 20..1520 {
+            s.commit(&[counter(2 * i + 1), telemetry(2 * i + 2)], &[])
+                .expect("commit");
+        }
+        assert!(
+            loose_bytes(&s, 41) < 2 * PACK_BYTES as u64,
+            "the later blocks are packed"
+        );
+        s.ack_runs(&runs(&refs(&first))).expect("ack");
+        assert_eq!(
+            s.reclaimable(),
+            30,
+            "every block read is wholly acknowledged"
+        );
+        let rest = seqs(&reader.read(&s, 5000).expect("read"));
+        assert_eq!(rest, (31..=3040).collect::<Vec<u64>>());
+        s.flush().expect("flush");
+        rest
+    };
+    let s = reopen(dir.path());
+    assert_eq!(seqs(&s.read_from(0, usize::MAX).expect("read")), later);
+    assert_eq!(s.reclaimable(), 30, "the markers found their blocks");
+    assert_eq!(s.reclaim(usize::MAX).expect("reclaim"), 0);
+    let st = s.stats();
+    assert_eq!((st.events, st.bytes), (3010, stored_blocks(&s).1));
 }

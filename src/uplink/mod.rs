@@ -528,6 +528,11 @@ const ACK_DELAY: Duration = Duration::from_millis(10);
 const RECLAIM_DEFER_MAX: usize = 4096;
 /// Blocks deleted per store operation (the store is locked meanwhile).
 const RECLAIM_CHUNK: usize = 64;
+/// Bytes of acknowledged blocks that may wait for deletion while a backlog drains. sled keeps
+/// a block it read in memory until it changes the node that holds it, and it hardly counts
+/// nodes larger than 128 KiB (stored as files of their own) against its cache, so what waits
+/// here is resident: the bound is in bytes, not only in blocks.
+const RECLAIM_DEFER_BYTES: u64 = 4 << 20;
 
 /// The events of PUBACKed publishes, gathered for one store operation.
 #[derive(Debug, Default)]
@@ -599,7 +604,10 @@ impl Acker {
                 crate::metrics::PUBLISHES.add(acked.publishes);
                 crate::metrics::EVENTS_ACKED.add(acked.events);
                 waiting = store.reclaimable();
-                while waiting > RECLAIM_DEFER_MAX {
+                while waiting > 0
+                    && (waiting > RECLAIM_DEFER_MAX
+                        || store.reclaimable_bytes() > RECLAIM_DEFER_BYTES)
+                {
                     waiting = reclaim_some(&store);
                 }
             }
