@@ -524,15 +524,18 @@ const ACK_DELAY: Duration = Duration::from_millis(10);
 /// deleted as they complete. Waiting costs memory beyond a few bytes per block: sled keeps the
 /// leaves a drain read in memory until they change (its cache accounts accesses in batches),
 /// so deleting as the drain goes is what bounds the memory of a long drain. A backlog of small
-/// blocks drains slower for it (tens of thousands of deletes per million events).
+/// blocks drains slower for it (tens of thousands of deletes per million events), which is why
+/// the store packs the blocks of an outage ([`Store`] packing).
 const RECLAIM_DEFER_MAX: usize = 4096;
 /// Blocks deleted per store operation (the store is locked meanwhile).
 const RECLAIM_CHUNK: usize = 64;
 /// Bytes of acknowledged blocks that may wait for deletion while a backlog drains. sled keeps
 /// a block it read in memory until it changes the node that holds it, and it hardly counts
 /// nodes larger than 128 KiB (stored as files of their own) against its cache, so what waits
-/// here is resident: the bound is in bytes, not only in blocks.
-const RECLAIM_DEFER_BYTES: u64 = 4 << 20;
+/// here is resident: the bound is in bytes, not only in blocks. Measured with a 1 M backlog
+/// (64 KiB blocks): RSS while draining 33 MiB with 4 MiB waiting, 28-29 MiB with 1 MiB, at
+/// the same drain rate.
+const RECLAIM_DEFER_BYTES: u64 = 1 << 20;
 
 /// The events of PUBACKed publishes, gathered for one store operation.
 #[derive(Debug, Default)]
