@@ -43,6 +43,11 @@ pub static STORE_COMMITS: Counter = Counter::new(
     "floorgate_store_commits_total",
     "Durable group commits of the store.",
 );
+/// Blocks merged by packing.
+pub static STORE_PACKED: Counter = Counter::new(
+    "floorgate_store_blocks_packed_total",
+    "Small blocks no reader had read, merged into larger ones (while the uplink is behind).",
+);
 /// Store write failures.
 pub static STORE_ERRORS: Counter = Counter::new(
     "floorgate_store_errors_total",
@@ -77,8 +82,9 @@ pub static CONNECT_FAILURES: Counter = Counter::new(
 /// Unix ms of the store writer's last loop (watchdog: the pipeline makes progress).
 pub static WRITER_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 
-static COUNTERS: [&Counter; 7] = [
+static COUNTERS: [&Counter; 8] = [
     &STORE_COMMITS,
+    &STORE_PACKED,
     &STORE_ERRORS,
     &PUBLISHES,
     &EVENTS_ACKED,

@@ -1292,6 +1292,7 @@ impl Store {
         change.counters(bytes, meta.events, meta.telemetry);
         self.sled.apply(&change)?;
         meta.bytes = bytes;
+        crate::metrics::STORE_PACKED.add(merged_blocks as u64);
         Ok(())
     }
 

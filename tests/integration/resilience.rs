@@ -186,6 +186,15 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
         "events buffer in the store during the outage\n{}",
         gw.log()
     );
+    // The outage's small commits are packed into larger blocks, which the drain then reads.
+    let packed = gw
+        .wait_metric(
+            "floorgate_store_blocks_packed_total",
+            Duration::from_secs(30),
+            |v| v > 0.0,
+        )
+        .await;
+    assert!(packed.is_some(), "small blocks packed\n{}", gw.log());
     let during = rx.seqs().len();
     proxy.restore();
     let names = ["b1", "b2"];
