@@ -399,6 +399,8 @@ pub struct Store {
     sled: ManuallyDrop<Sled>,
     max_bytes: u64,
     min_free: u64,
+    /// Size of a packed block ([`PACK_BYTES`]; smaller in tests).
+    pack_bytes: usize,
     meta: Mutex<Meta>,
     committed: Notify,
 }
@@ -424,8 +426,6 @@ const BLOCK_EVENTS: usize = 1000;
 const BLOCK_BYTES: usize = 256 << 10;
 /// Unread small blocks are merged into blocks of up to this many bytes (see [`Store::pack`]).
 const PACK_BYTES: usize = 64 << 10;
-/// A block this small or smaller is merged with the ones after it while unread.
-const PACK_SMALL: usize = PACK_BYTES / 2;
 fn prefix(class: Class) -> u8 {
     match class {
         Class::Keep => b'k',
@@ -844,6 +844,7 @@ impl Store {
             sled: ManuallyDrop::new(sled),
             max_bytes,
             min_free: DEFAULT_MIN_FREE,
+            pack_bytes: PACK_BYTES,
             meta: Mutex::new(meta),
             committed: Notify::new(),
         })
@@ -853,6 +854,13 @@ impl Store {
     /// check off (then a full disk makes sled fail, which takes a restart).
     pub fn with_min_free(mut self, bytes: u64) -> Store {
         self.min_free = bytes;
+        self
+    }
+
+    /// Packs into blocks of `bytes` instead of [`PACK_BYTES`], so that tests pack often.
+    #[cfg(test)]
+    fn with_pack_bytes(mut self, bytes: usize) -> Store {
+        self.pack_bytes = bytes;
         self
     }
 
@@ -1177,7 +1185,7 @@ impl Store {
         for (class, k, v, count) in &blocks {
             let i = class_index(*class);
             let first = seq_of(k);
-            if first < meta.unread[i] || v.len() > PACK_SMALL {
+            if first < meta.unread[i] || v.len() > self.pack_bytes / 2 {
                 continue;
             }
             let loose = &mut meta.loose[i];
@@ -1195,12 +1203,12 @@ impl Store {
         Ok(first..seq)
     }
 
-    /// Packs the classes whose loose blocks fill a block of [`PACK_BYTES`]. Packing is an
+    /// Packs the classes whose loose blocks fill a packed block. Packing is an
     /// optimisation: when it cannot be written the blocks stay as they are.
     fn pack_loose(&self, meta: &mut Meta) {
         for class in [Class::Telemetry, Class::Keep] {
             let loose = meta.loose[class_index(class)];
-            if loose.bytes < PACK_BYTES as u64 && loose.events < BLOCK_EVENTS as u64 {
+            if loose.bytes < self.pack_bytes as u64 && loose.events < BLOCK_EVENTS as u64 {
                 continue;
             }
             if let Err(error) = self.write(meta, |m| self.pack(m, class)) {
@@ -1264,7 +1272,7 @@ impl Store {
                 merge(&mut group, &mut bytes);
                 continue;
             }
-            let fits = group_bytes + v.len() - 12 <= PACK_BYTES
+            let fits = group_bytes + v.len() - 12 <= self.pack_bytes
                 && group_events as usize + count as usize <= BLOCK_EVENTS;
             if !fits {
                 merge(&mut group, &mut bytes);
