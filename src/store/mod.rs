@@ -1185,7 +1185,13 @@ impl Store {
         for (class, k, v, count) in &blocks {
             let i = class_index(*class);
             let first = seq_of(k);
-            if first < meta.unread[i] || v.len() > self.pack_bytes / 2 {
+            if first < meta.unread[i] {
+                continue;
+            }
+            if v.len() > self.pack_bytes / 2 {
+                // Large already; the small blocks before it stay as they are, so that a pack
+                // reads only small blocks.
+                meta.loose[i] = Loose::default();
                 continue;
             }
             let loose = &mut meta.loose[i];
