@@ -307,6 +307,7 @@ struct Loose {
     /// First seq of the first of them.
     from: u64,
     blocks: u64,
+    /// Bytes one block holding them all would have (header and entries).
     bytes: u64,
     events: u64,
 }
@@ -557,13 +558,16 @@ fn delete_marked(
 }
 
 /// Notes that blocks of `class` below seq `next` were handed to a reader: packing leaves them
-/// alone from now on, and loose blocks among them are no longer merged.
+/// alone from now on. The loose run continues after them (a status query that reads the
+/// oldest event must not stop an outage's packing); its counts then overstate it, which only
+/// makes the next pack come early, and the pack counts what is left exactly.
 fn handed(meta: &mut Meta, class: Class, next: u64) {
     let i = class_index(class);
     if next > meta.unread[i] {
         meta.unread[i] = next;
-        if meta.loose[i].from < next {
-            meta.loose[i] = Loose::default();
+        let loose = &mut meta.loose[i];
+        if loose.blocks > 0 && loose.from < next {
+            loose.from = next;
         }
     }
 }
@@ -610,6 +614,19 @@ fn block_header(v: &[u8]) -> (u32, u64) {
     let mut l = [0u8; 8];
     l.copy_from_slice(&v[4..12]);
     (u32::from_be_bytes(c), u64::from_be_bytes(l))
+}
+
+/// Whether a block's entries fill it exactly and agree with its header (packing merges only
+/// such blocks: a truncated one would hide the events after it in the merged block).
+fn intact(v: &[u8]) -> bool {
+    let (count, last) = block_header(v);
+    let (mut n, mut end, mut seq) = (0u32, 12usize, 0u64);
+    for (s, _, e) in block_events(v) {
+        n += 1;
+        end = e;
+        seq = s;
+    }
+    v.len() >= 12 && n == count && end == v.len() && (n == 0 || seq == last)
 }
 
 /// The events of a block as (seq, start, end) of their JSON; a truncated block yields what is
@@ -1197,9 +1214,10 @@ impl Store {
             let loose = &mut meta.loose[i];
             if loose.blocks == 0 {
                 loose.from = first;
+                loose.bytes = 12;
             }
             loose.blocks += 1;
-            loose.bytes += size(k, v);
+            loose.bytes += (v.len() - 12) as u64;
             loose.events += u64::from(*count);
         }
         meta.next_seq = seq;
@@ -1214,7 +1232,8 @@ impl Store {
     fn pack_loose(&self, meta: &mut Meta) {
         for class in [Class::Telemetry, Class::Keep] {
             let loose = meta.loose[class_index(class)];
-            if loose.bytes < self.pack_bytes as u64 && loose.events < BLOCK_EVENTS as u64 {
+            // Measured like a packed block: a run that would not overflow one waits.
+            if loose.bytes <= self.pack_bytes as u64 && loose.events <= BLOCK_EVENTS as u64 {
                 continue;
             }
             if let Err(error) = self.write(meta, |m| self.pack(m, class)) {
@@ -1273,7 +1292,7 @@ impl Store {
         for item in self.sled.blocks.range(start..end) {
             let (k, v) = item?;
             let (count, _) = block_header(&v);
-            if v.len() < 12 || meta.partial.contains_key(&(class, seq_of(&k))) {
+            if !intact(&v) || meta.partial.contains_key(&(class, seq_of(&k))) {
                 // Not expected above `unread`; left alone.
                 merge(&mut group, &mut bytes);
                 continue;
@@ -1296,7 +1315,7 @@ impl Store {
             meta.loose[i] = Loose {
                 from: seq_of(k),
                 blocks: group.len() as u64,
-                bytes: group.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
+                bytes: group_bytes as u64,
                 events: u64::from(group_events),
             };
         }
@@ -1447,6 +1466,8 @@ impl Store {
                 acked: acked.map(|a| a.bits.clone()),
                 value: v,
             });
+            // Per block: an error further on must not leave a loaded block packable.
+            handed(&mut meta, class, last + 1);
             if added >= min {
                 break;
             }

@@ -675,8 +675,9 @@ fn loose_bytes(s: &Store, from: u64) -> u64 {
         .sum()
 }
 
-/// Commits of a few events while no reader reads (an uplink outage) are merged into large
-/// blocks; every event stays, with its seq and JSON, and the counters stay exact.
+/// Commits of a few events while no reader reads (an uplink outage; status queries read the
+/// oldest event) are merged into large blocks; every event stays, with its seq and JSON, and
+/// the counters stay exact.
 #[test]
 fn unread_small_blocks_are_packed_into_large_ones_with_every_event_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -685,8 +686,12 @@ fn unread_small_blocks_are_packed_into_large_ones_with_every_event_kept() {
         .collect();
     {
         let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open");
-        for chunk in events.chunks(3) {
+        for (n, chunk) in events.chunks(3).enumerate() {
             s.commit(chunk, &[]).expect("commit");
+            if n % 20 == 19 {
+                // A status query reads the oldest event: packing goes on after it.
+                assert_eq!(s.read_from(0, 1).expect("read")[0].seq(), 1);
+            }
         }
         let (blocks, bytes) = stored_blocks(&s);
         assert!(blocks < 1000, "2000 small blocks, {blocks} after packing");
@@ -694,6 +699,22 @@ fn unread_small_blocks_are_packed_into_large_ones_with_every_event_kept() {
             loose_bytes(&s, 0) < 2 * PACK_BYTES as u64,
             "at most one block of small blocks per class is not packed yet"
         );
+        for class in [Class::Keep, Class::Telemetry] {
+            // The first block was handed to the status query; after it, small blocks are only
+            // those after the last packed block.
+            let small: Vec<bool> = s
+                .sled
+                .blocks
+                .scan_prefix([prefix(class)])
+                .skip(1)
+                .map(|item| item.expect("block").1.len() <= PACK_BYTES / 2)
+                .collect();
+            let first_small = small.iter().position(|&b| b).unwrap_or(small.len());
+            assert!(
+                small[first_small..].iter().all(|&b| b),
+                "{class:?}: a small block before a packed one: {small:?}"
+            );
+        }
         let st = s.stats();
         assert_eq!((st.events, st.telemetry, st.bytes), (3000, 1500, bytes));
         s.flush().expect("flush");
@@ -860,4 +881,20 @@ proptest::proptest! {
         proptest::prop_assert!(st.bytes <= 6 << 10);
         proptest::prop_assert_eq!(st.events, s.read_from(0, usize::MAX).expect("read").len() as u64);
     }
+}
+
+/// Packing merges only intact blocks: a truncated one would hide the events after it.
+#[test]
+fn only_intact_blocks_are_packed() {
+    let block = encode_block(&[(5, b"{}".to_vec()), (7, b"{\"a\":1}".to_vec())]);
+    assert!(intact(&block));
+    assert!(intact(&encode_block(&[])));
+    assert!(!intact(&block[..block.len() - 1]), "truncated");
+    assert!(!intact(&block[..8]), "no header");
+    let mut wrong_count = block.clone();
+    wrong_count[3] = 3;
+    assert!(!intact(&wrong_count));
+    let mut wrong_last = block.clone();
+    wrong_last[11] = 6;
+    assert!(!intact(&wrong_last));
 }
