@@ -24,6 +24,11 @@
 //! Readers skip marked blocks, a restart loads the markers (17 bytes per block), so nothing
 //! acknowledged is sent again.
 //!
+//! Packing: a floor commits a few events every 50 ms, so an uplink outage leaves a backlog of
+//! tiny blocks, and reading, acknowledging and deleting cost sled work per block. While no
+//! reader has been handed a class's blocks (above `Meta::unread`), the small ones are merged
+//! after the commit that fills one into blocks of up to 64 KiB (`Store::pack`).
+//!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
 //! or the next flush (also the one in sled's `Drop`) waits forever. So:
