@@ -29,6 +29,9 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
     let broker = Broker::start_tls(&pki);
     let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
     let mut sub = subscribe(&broker, "floorgate/test/gw-full/events").await;
+    // The long variant makes ten times the counter events (1200, about 200 KB): the bound is
+    // sized so that they fit while telemetry still overflows it many times.
+    let max_bytes = if long() { "512KiB" } else { "64KiB" };
     let gw = Gateway::start(|state, metrics| {
         config(
             "gw-full",
@@ -43,7 +46,7 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
         )
         .replace(
             "commit_interval = \"20ms\"",
-            "commit_interval = \"20ms\"\nmax_bytes = \"64KiB\"",
+            &format!("commit_interval = \"20ms\"\nmax_bytes = \"{max_bytes}\""),
         )
     });
     let mut rx = Received::default();
