@@ -222,22 +222,26 @@ fn read_from_starts_inside_a_block() {
     assert_eq!(n, 2500);
 }
 
+/// The events of one commit (true: telemetry), numbered on from `i`.
+fn numbered(commit: &[bool], i: &mut u64) -> Vec<Event> {
+    commit
+        .iter()
+        .map(|&t| {
+            *i += 1;
+            if t {
+                telemetry(*i)
+            } else {
+                counter(*i)
+            }
+        })
+        .collect()
+}
+
 /// A commit schedule: (events of a commit, telemetry or counter for each).
 fn mixed(commits: &[Vec<bool>], s: &Store) {
     let mut i = 0;
     for c in commits {
-        let evs: Vec<Event> = c
-            .iter()
-            .map(|&t| {
-                i += 1;
-                if t {
-                    telemetry(i)
-                } else {
-                    counter(i)
-                }
-            })
-            .collect();
-        s.commit(&evs, &[]).expect("commit");
+        s.commit(&numbered(c, &mut i), &[]).expect("commit");
     }
 }
 
@@ -777,6 +781,39 @@ fn packing_leaves_the_blocks_a_reader_holds_alone() {
     assert_eq!((st.events, st.bytes), (3010, stored_blocks(&s).1));
 }
 
+/// Commits `commits` (true: telemetry), reading `sizes` events (cycled) after every
+/// `read_every`-th commit and acknowledging those `acks` picks (cycled; none without `acks`),
+/// then reads the rest: (every ref read, in order; the refs acknowledged; events committed).
+fn interleave(
+    s: &Store,
+    commits: &[Vec<bool>],
+    read_every: usize,
+    sizes: &[usize],
+    acks: Option<&[bool]>,
+) -> (Vec<EventRef>, HashSet<EventRef>, u64) {
+    let mut reader = Reader::new(0);
+    let (mut read, mut acked) = (Vec::new(), HashSet::new());
+    let mut sizes = sizes.iter().cycle();
+    let mut picks = acks.unwrap_or(&[false]).iter().cycle();
+    let mut i = 0;
+    for (n, c) in commits.iter().enumerate() {
+        s.commit(&numbered(c, &mut i), &[]).expect("commit");
+        if n % read_every == 0 {
+            let batch = refs(&reader.read(s, *sizes.next().expect("cycle")).expect("read"));
+            let chosen: Vec<EventRef> = batch
+                .iter()
+                .copied()
+                .filter(|_| *picks.next().expect("cycle"))
+                .collect();
+            s.ack_runs(&runs(&chosen)).expect("ack");
+            acked.extend(chosen);
+            read.extend(batch);
+        }
+    }
+    read.extend(refs(&reader.read(s, usize::MAX).expect("read")));
+    (read, acked, i)
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
@@ -794,27 +831,11 @@ proptest::proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         let (read, acked, total) = {
             let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open").with_pack_bytes(600);
-            let mut reader = Reader::new(0);
-            let (mut read, mut acked) = (Vec::new(), HashSet::new());
-            let mut sizes = sizes.iter().cycle();
-            let mut acks = acks.iter().cycle();
-            let mut i = 0;
-            for (n, c) in commits.iter().enumerate() {
-                let evs: Vec<Event> = c.iter().map(|&t| { i += 1; if t { telemetry(i) } else { counter(i) } }).collect();
-                s.commit(&evs, &[]).expect("commit");
-                if n % read_every == 0 {
-                    let batch = refs(&reader.read(&s, *sizes.next().expect("cycle")).expect("read"));
-                    let chosen: Vec<EventRef> = batch.iter().copied().filter(|_| *acks.next().expect("cycle")).collect();
-                    s.ack_runs(&runs(&chosen)).expect("ack");
-                    acked.extend(chosen);
-                    read.extend(batch);
-                }
-            }
-            read.extend(refs(&reader.read(&s, usize::MAX).expect("read")));
+            let (read, acked, total) = interleave(&s, &commits, read_every, &sizes, Some(&acks));
             let left: Vec<u64> = read.iter().filter(|e| !acked.contains(*e)).map(|e| e.seq).collect();
             proptest::prop_assert_eq!(seqs(&s.read_from(0, usize::MAX).expect("read")), left, "every acknowledgement found its block");
             s.flush().expect("flush");
-            (read, acked, i)
+            (read, acked, total)
         };
         proptest::prop_assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=total).collect::<Vec<u64>>());
         // After a restart, a partly acknowledged block is sent again whole (by design); a
@@ -847,23 +868,8 @@ proptest::proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let s = Store::open(dir.path(), 1 << 20, 6 << 10).expect("open").with_pack_bytes(600);
-            let mut reader = Reader::new(0);
-            let mut got = Vec::new();
-            let mut sizes = sizes.iter().cycle();
-            let mut acks = acks.iter().cycle();
-            let mut i = 0;
-            for (n, c) in commits.iter().enumerate() {
-                let evs: Vec<Event> = c.iter().map(|&t| { i += 1; if t { telemetry(i) } else { counter(i) } }).collect();
-                s.commit(&evs, &[]).expect("commit");
-                if n % read_every == 0 {
-                    let batch = refs(&reader.read(&s, *sizes.next().expect("cycle")).expect("read"));
-                    if with_acks {
-                        let chosen: Vec<EventRef> = batch.iter().copied().filter(|_| *acks.next().expect("cycle")).collect();
-                        s.ack_runs(&runs(&chosen)).expect("ack");
-                    }
-                    got.extend(batch.iter().map(|e| e.seq));
-                }
-            }
+            let (read, _, _) = interleave(&s, &commits, read_every, &sizes, with_acks.then_some(&acks[..]));
+            let got: Vec<u64> = read.iter().map(|e| e.seq).collect();
             proptest::prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "read once, in order: {:?}", got);
             let st = s.stats();
             proptest::prop_assert_eq!(st.bytes, stored_blocks(&s).1);
