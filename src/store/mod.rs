@@ -27,7 +27,7 @@
 //! Packing: a floor commits a few events every 50 ms, so an uplink outage leaves a backlog of
 //! tiny blocks, and reading, acknowledging and deleting cost sled work per block. While no
 //! reader has been handed a class's blocks (above `Meta::unread`), the small ones are merged
-//! after the commit that fills one into blocks of up to 64 KiB (`Store::pack`).
+//! by the commit that overflows one into blocks of up to 64 KiB (`Store::pack`).
 //!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
@@ -405,7 +405,7 @@ pub struct Store {
     sled: ManuallyDrop<Sled>,
     max_bytes: u64,
     min_free: u64,
-    /// Size of a packed block ([`PACK_BYTES`]; smaller in tests).
+    /// Size of a packed block: [`PACK_BYTES`], at most 1/32 of `max_bytes` (smaller in tests).
     pack_bytes: usize,
     meta: Mutex<Meta>,
     committed: Notify,
@@ -621,8 +621,9 @@ fn block_header(v: &[u8]) -> (u32, u64) {
     (u32::from_be_bytes(c), u64::from_be_bytes(l))
 }
 
-/// Whether a block's entries fill it exactly and agree with its header (packing merges only
-/// such blocks: a truncated one would hide the events after it in the merged block).
+/// Whether a block holds events, its entries fill it exactly and agree with its header
+/// (packing merges only such blocks: a truncated one would hide the events after it in the
+/// merged block, an empty one would give it a last seq of 0).
 fn intact(v: &[u8]) -> bool {
     let (count, last) = block_header(v);
     let (mut n, mut end, mut seq) = (0u32, 12usize, 0u64);
@@ -631,7 +632,7 @@ fn intact(v: &[u8]) -> bool {
         end = e;
         seq = s;
     }
-    v.len() >= 12 && n == count && end == v.len() && (n == 0 || seq == last)
+    v.len() >= 12 && n > 0 && n == count && end == v.len() && seq == last
 }
 
 /// The events of a block as (seq, start, end) of their JSON; a truncated block yields what is
@@ -866,7 +867,9 @@ impl Store {
             sled: ManuallyDrop::new(sled),
             max_bytes,
             min_free: DEFAULT_MIN_FREE,
-            pack_bytes: PACK_BYTES,
+            // A packed block stays a small share of the bound, so that the bound sheds in
+            // small steps also when `max_bytes` is small.
+            pack_bytes: PACK_BYTES.min(usize::try_from(max_bytes / 32).unwrap_or(PACK_BYTES)),
             meta: Mutex::new(meta),
             committed: Notify::new(),
         })
@@ -1232,7 +1235,7 @@ impl Store {
         Ok(first..seq)
     }
 
-    /// Packs the classes whose loose blocks fill a packed block. Packing is an
+    /// Packs the classes whose loose blocks overflow a packed block. Packing is an
     /// optimisation: when it cannot be written the blocks stay as they are.
     fn pack_loose(&self, meta: &mut Meta) {
         for class in [Class::Telemetry, Class::Keep] {

@@ -668,15 +668,17 @@ fn stored_blocks(s: &Store) -> (usize, u64) {
     })
 }
 
-/// Bytes of the small blocks from seq `from` on (what packing has not merged).
-fn loose_bytes(s: &Store, from: u64) -> u64 {
-    s.sled
+/// The small blocks of `class` from seq `from` on (what packing has not merged), measured as
+/// one block holding their events would be (the measure of a packed block's size).
+fn loose_bytes(s: &Store, class: Class, from: u64) -> u64 {
+    12 + s
+        .sled
         .blocks
-        .iter()
+        .scan_prefix([prefix(class)])
         .map(|item| item.expect("block"))
         .filter(|(k, v)| seq_of(k) >= from && v.len() <= s.pack_bytes / 2)
-        .map(|(k, v)| (k.len() + v.len()) as u64)
-        .sum()
+        .map(|(_, v)| (v.len() - 12) as u64)
+        .sum::<u64>()
 }
 
 /// Commits of a few events while no reader reads (an uplink outage; status queries read the
@@ -699,10 +701,12 @@ fn unread_small_blocks_are_packed_into_large_ones_with_every_event_kept() {
         }
         let (blocks, bytes) = stored_blocks(&s);
         assert!(blocks < 1000, "2000 small blocks, {blocks} after packing");
-        assert!(
-            loose_bytes(&s, 0) < 2 * PACK_BYTES as u64,
-            "at most one block of small blocks per class is not packed yet"
-        );
+        for class in [Class::Keep, Class::Telemetry] {
+            assert!(
+                loose_bytes(&s, class, 3) <= PACK_BYTES as u64,
+                "{class:?}: at most one block's worth of small blocks is not packed yet"
+            );
+        }
         for class in [Class::Keep, Class::Telemetry] {
             // The first block was handed to the status query; after it, small blocks are only
             // those after the last packed block.
@@ -758,10 +762,12 @@ fn packing_leaves_the_blocks_a_reader_holds_alone() {
             s.commit(&[counter(2 * i + 1), telemetry(2 * i + 2)], &[])
                 .expect("commit");
         }
-        assert!(
-            loose_bytes(&s, 41) < 2 * PACK_BYTES as u64,
-            "the later blocks are packed"
-        );
+        for class in [Class::Keep, Class::Telemetry] {
+            assert!(
+                loose_bytes(&s, class, 41) <= PACK_BYTES as u64,
+                "{class:?}: the later blocks are packed"
+            );
+        }
         s.ack_runs(&runs(&refs(&first))).expect("ack");
         assert_eq!(
             s.reclaimable(),
@@ -894,7 +900,7 @@ proptest::proptest! {
 fn only_intact_blocks_are_packed() {
     let block = encode_block(&[(5, b"{}".to_vec()), (7, b"{\"a\":1}".to_vec())]);
     assert!(intact(&block));
-    assert!(intact(&encode_block(&[])));
+    assert!(!intact(&encode_block(&[])), "empty");
     assert!(!intact(&block[..block.len() - 1]), "truncated");
     assert!(!intact(&block[..8]), "no header");
     let mut wrong_count = block.clone();
@@ -903,4 +909,96 @@ fn only_intact_blocks_are_packed() {
     let mut wrong_last = block.clone();
     wrong_last[11] = 6;
     assert!(!intact(&wrong_last));
+}
+
+/// A packed block holds at most 1000 events, however small they are.
+#[test]
+fn a_packed_block_holds_at_most_a_thousand_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+        .expect("open")
+        .with_pack_bytes(1 << 20);
+    for i in 1..=2500 {
+        s.commit(&[counter(i)], &[]).expect("commit");
+    }
+    let counts: Vec<u32> = s
+        .sled
+        .blocks
+        .iter()
+        .map(|item| block_header(&item.expect("block").1).0)
+        .collect();
+    assert_eq!(&counts[..2], &[1000, 1000], "{counts:?}");
+    assert_eq!(counts.iter().sum::<u32>(), 2500);
+    assert_eq!(
+        seqs(&s.read_from(0, usize::MAX).expect("read")),
+        (1..=2500).collect::<Vec<u64>>()
+    );
+}
+
+/// A block that is not intact (here truncated) is left as it is, and nothing is merged across
+/// it: the events after it stay readable.
+#[test]
+fn packing_leaves_a_damaged_block_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+        .expect("open")
+        .with_pack_bytes(2000);
+    for i in 1..=3 {
+        s.commit(&[counter(i)], &[]).expect("commit");
+    }
+    let k = key(Class::Keep, 2);
+    let v = s.sled.blocks.get(k).expect("get").expect("block 2");
+    let damaged = v[..v.len() - 1].to_vec();
+    s.sled.blocks.insert(k, damaged.clone()).expect("insert");
+    for i in 4..=60 {
+        s.commit(&[counter(i)], &[]).expect("commit");
+    }
+    assert!(s.stats().events == 60);
+    let keys: Vec<u64> = s
+        .sled
+        .blocks
+        .iter()
+        .map(|item| seq_of(&item.expect("block").0))
+        .collect();
+    assert!(keys.len() < 30, "packed: {keys:?}");
+    assert_eq!(&keys[..3], &[1, 2, 3], "nothing merged across block 2");
+    assert_eq!(
+        s.sled.blocks.get(k).expect("get").as_deref(),
+        Some(&damaged[..])
+    );
+    let read = seqs(&s.read_from(0, usize::MAX).expect("read"));
+    assert_eq!(read[0], 1);
+    assert_eq!(
+        &read[1..],
+        &(3..=60).collect::<Vec<u64>>()[..],
+        "all but the damaged event"
+    );
+}
+
+/// With a small bound, packed blocks are small too, so that a full store sheds in small steps
+/// and not a whole packed block of its few kept events at once.
+#[test]
+fn with_a_small_bound_a_full_store_sheds_in_small_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 256 << 10).expect("open");
+    assert_eq!(s.pack_bytes, 8 << 10);
+    // About 800 KB of telemetry through a 256 KiB bound: it sheds 10 % at a time.
+    for i in 1..=8000 {
+        s.commit(&[telemetry(i)], &[]).expect("commit");
+    }
+    let stored = s.stats().events;
+    let gaps: Vec<u64> = s
+        .read_from(0, usize::MAX)
+        .expect("read")
+        .iter()
+        .filter_map(|e| serde_json::from_slice::<serde_json::Value>(e.json()).ok())
+        .filter(|v| v["kind"] == "gap")
+        .map(|g| g["dropped"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(!gaps.is_empty());
+    let most = gaps.iter().max().copied().unwrap_or(0);
+    assert!(
+        most * 5 <= stored,
+        "one shed dropped {most} of about {stored} stored events"
+    );
 }

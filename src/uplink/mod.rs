@@ -564,7 +564,8 @@ fn reclaim_some(store: &Store) -> usize {
 /// Deleting acknowledged blocks costs far more than acknowledging them (see the store), and
 /// while a backlog drains it would compete with the drain for a small box's CPU. So blocks are
 /// deleted once the session has caught up with the store (`caught_up`), in chunks between
-/// acknowledgements, or when more than [`RECLAIM_DEFER_MAX`] wait.
+/// acknowledgements, or when more than [`RECLAIM_DEFER_MAX`] blocks or
+/// [`RECLAIM_DEFER_BYTES`] wait.
 struct Acker {
     tx: mpsc::Sender<Acked>,
     task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
