@@ -311,6 +311,8 @@ struct Meta {
 struct Loose {
     /// First seq of the first of them.
     from: u64,
+    /// First seq of the last of them.
+    last: u64,
     blocks: u64,
     /// Bytes one block holding them all would have (header and entries).
     bytes: u64,
@@ -563,15 +565,18 @@ fn delete_marked(
 }
 
 /// Notes that blocks of `class` below seq `next` were handed to a reader: packing leaves them
-/// alone from now on. The loose run continues after them (a status query that reads the
-/// oldest event must not stop an outage's packing); its counts then overstate it, which only
-/// makes the next pack come early, and the pack counts what is left exactly.
+/// alone from now on. A loose run handed whole is over (live traffic: nothing to pack). One
+/// handed in part continues after the handed blocks (a status query that reads the oldest
+/// event must not stop an outage's packing); its counts then overstate it, which only makes
+/// the next pack come early, and the pack counts what is left exactly.
 fn handed(meta: &mut Meta, class: Class, next: u64) {
     let i = class_index(class);
     if next > meta.unread[i] {
         meta.unread[i] = next;
         let loose = &mut meta.loose[i];
-        if loose.blocks > 0 && loose.from < next {
+        if loose.blocks > 0 && loose.last < next {
+            *loose = Loose::default();
+        } else if loose.blocks > 0 && loose.from < next {
             loose.from = next;
         }
     }
@@ -1224,6 +1229,7 @@ impl Store {
                 loose.from = first;
                 loose.bytes = 12;
             }
+            loose.last = first;
             loose.blocks += 1;
             loose.bytes += (v.len() - 12) as u64;
             loose.events += u64::from(*count);
@@ -1322,6 +1328,7 @@ impl Store {
         if let Some((k, _)) = group.first() {
             meta.loose[i] = Loose {
                 from: seq_of(k),
+                last: group.last().map_or(0, |(k, _)| seq_of(k)),
                 blocks: group.len() as u64,
                 bytes: group_bytes as u64,
                 events: u64::from(group_events),

@@ -1002,3 +1002,25 @@ fn with_a_small_bound_a_full_store_sheds_in_small_steps() {
         "one shed dropped {most} of about {stored} stored events"
     );
 }
+
+/// Live traffic, read as it is committed, leaves nothing loose: packing has nothing to scan.
+#[test]
+fn blocks_read_as_they_are_committed_are_not_loose() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+        .expect("open")
+        .with_pack_bytes(600);
+    let mut reader = Reader::new(0);
+    for i in 0..200 {
+        s.commit(&[counter(2 * i + 1), telemetry(2 * i + 2)], &[])
+            .expect("commit");
+        assert_eq!(reader.read(&s, 10).expect("read").len(), 2);
+        let meta = lock(&s.meta);
+        assert_eq!(
+            (meta.loose[0].blocks, meta.loose[1].blocks),
+            (0, 0),
+            "commit {i}"
+        );
+    }
+    assert_eq!(stored_blocks(&s).0, 400, "nothing packed");
+}
