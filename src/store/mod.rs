@@ -1284,11 +1284,13 @@ impl Store {
         let mut group: Vec<(sled::IVec, sled::IVec)> = Vec::new();
         let mut group_bytes = 0usize;
         let mut group_events = 0u32;
-        let mut merge = |group: &mut Vec<(sled::IVec, sled::IVec)>, bytes: &mut u64| {
+        // Merges `group` (its events and size as one block already counted) into one block.
+        let mut merge = |group: &mut Vec<(sled::IVec, sled::IVec)>,
+                         count: u32,
+                         size: usize,
+                         bytes: &mut u64| {
             if group.len() > 1 {
-                let count = group.iter().map(|(_, v)| block_header(v).0).sum::<u32>();
                 let last = group.last().map_or(0, |(_, v)| block_header(v).1);
-                let size = 12 + group.iter().map(|(_, v)| v.len() - 12).sum::<usize>();
                 let mut merged = Vec::with_capacity(size);
                 merged.extend_from_slice(&count.to_be_bytes());
                 merged.extend_from_slice(&last.to_be_bytes());
@@ -1308,13 +1310,13 @@ impl Store {
             let (count, _) = block_header(&v);
             if !intact(&v) || meta.partial.contains_key(&(class, seq_of(&k))) {
                 // Not expected above `unread`; left alone.
-                merge(&mut group, &mut bytes);
+                merge(&mut group, group_events, group_bytes, &mut bytes);
                 continue;
             }
             let fits = group_bytes + v.len() - 12 <= self.pack_bytes
                 && group_events as usize + count as usize <= BLOCK_EVENTS;
             if !fits {
-                merge(&mut group, &mut bytes);
+                merge(&mut group, group_events, group_bytes, &mut bytes);
             }
             if group.is_empty() {
                 group_bytes = 12;
