@@ -29,6 +29,13 @@
 //! reader has been handed a class's blocks (above `Meta::unread`), the small ones are merged
 //! by the commit that overflows one into blocks of up to 64 KiB (`Store::pack`).
 //!
+//! Tombstones: removing a key can make sled merge the emptied leaf into its neighbour and
+//! write the merged leaf out (a blob file when it holds large blocks); during a drain that cost
+//! a fifth of the rate. So while more than 10,000 events wait unacknowledged, a deleted block
+//! leaves an empty value under its key. Every read skips it, no counter includes it, and once
+//! the backlog is drained (or 4096 are kept) the next reclaim removes the keys: their leaves
+//! then hold only tombstones and merge cheaply.
+//!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
 //! or the next flush (also the one in sled's `Drop`) waits forever. So:
@@ -52,7 +59,7 @@ pub use reader::Reader;
 pub use writer::{Derived, Writer, WriterHandle};
 
 use crate::event::{Body, Class, Event};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::mem::ManuallyDrop;
 use std::ops::Range;
@@ -265,6 +272,8 @@ pub struct Stats {
     pub oldest_seq: Option<u64>,
     /// Events dropped because the store was full, since start.
     pub dropped: u64,
+    /// Tombstones of blocks deleted while a backlog drained, known and not swept yet.
+    pub tombstones: u64,
 }
 
 /// Counters persisted with every commit: they describe the blocks on disk.
@@ -297,6 +306,9 @@ struct Meta {
     loose: [Loose; 2],
     partial_events: u64,
     partial_telemetry: u64,
+    /// Keys of the tombstones known (left by this process, or met by a read since the start):
+    /// what the next sweep removes.
+    tombs: BTreeSet<[u8; 9]>,
     /// The group of a commit that could not be written.
     held: Option<Held>,
     /// sled failed a write: the error. sled is not written, flushed or dropped any more.
@@ -409,6 +421,10 @@ pub struct Store {
     min_free: u64,
     /// Size of a packed block: [`PACK_BYTES`], at most 1/32 of `max_bytes` (smaller in tests).
     pack_bytes: usize,
+    /// Unacknowledged events above which deleted blocks leave tombstones, and tombstones kept
+    /// at most ([`TOMBSTONE_BACKLOG`], [`TOMBSTONES_MAX`]; smaller in tests).
+    tomb_backlog: u64,
+    tombs_max: usize,
     meta: Mutex<Meta>,
     committed: Notify,
 }
@@ -434,6 +450,11 @@ const BLOCK_EVENTS: usize = 1000;
 const BLOCK_BYTES: usize = 256 << 10;
 /// Unread small blocks are merged into blocks of up to this many bytes (see [`Store::pack`]).
 const PACK_BYTES: usize = 64 << 10;
+/// While more events than this wait unacknowledged (a backlog drains), a deleted block leaves
+/// a tombstone (see [`Store::reclaim`]).
+const TOMBSTONE_BACKLOG: u64 = 10_000;
+/// Tombstones at most; beyond, the next reclaim sweeps them (removes their keys).
+const TOMBSTONES_MAX: usize = 4096;
 fn prefix(class: Class) -> u8 {
     match class {
         Class::Keep => b'k',
@@ -546,13 +567,14 @@ fn delete_marked(
     change: &mut Change,
     gone: &mut HashMap<MarkerKey, u32>,
     (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
+    deleted: &mut Vec<[u8; 9]>,
 ) -> Result<Option<u64>, StoreError> {
     let Some(a) = meta.partial.get(id) else {
         return Ok(None);
     };
     let n = u64::from(a.count);
     unlist(meta, a, change, gone);
-    if !blocks.contains_key(key(id.0, id.1))? {
+    if !live(blocks, id.0, id.1)? {
         return Ok(Some(n));
     }
     *bytes = bytes.saturating_sub(u64::from(a.bytes));
@@ -560,8 +582,23 @@ fn delete_marked(
     if id.0 == Class::Telemetry {
         *telemetry = telemetry.saturating_sub(n);
     }
-    change.blocks.remove(&key(id.0, id.1)[..]);
+    deleted.push(key(id.0, id.1));
     Ok(Some(n))
+}
+
+/// Whether a stored value is a tombstone: an empty value where a block was deleted while a
+/// backlog drained. Removing a key can make sled merge its leaf into the neighbour and write
+/// the result out, which with leaves of large blocks costs a fifth of a drain's rate; a
+/// tombstone keeps the leaf's keys, and once the backlog is drained, or [`TOMBSTONES_MAX`]
+/// are kept, a sweep removes the keys of leaves that hold only tombstones, cheaply. Every read
+/// skips tombstones; they are counted in no counter.
+fn tomb(v: &[u8]) -> bool {
+    v.is_empty()
+}
+
+/// Whether the block `(class, seq)` is stored (not deleted, not a tombstone).
+fn live(blocks: &sled::Tree, class: Class, seq: u64) -> Result<bool, StoreError> {
+    Ok(blocks.get(key(class, seq))?.is_some_and(|v| !tomb(&v)))
 }
 
 /// Notes that blocks of `class` below seq `next` were handed to a reader: packing leaves them
@@ -875,6 +912,8 @@ impl Store {
             // A packed block stays a small share of the bound, so that the bound sheds in
             // small steps also when `max_bytes` is small.
             pack_bytes: PACK_BYTES.min(usize::try_from(max_bytes / 32).unwrap_or(PACK_BYTES)),
+            tomb_backlog: TOMBSTONE_BACKLOG,
+            tombs_max: TOMBSTONES_MAX,
             meta: Mutex::new(meta),
             committed: Notify::new(),
         })
@@ -891,6 +930,15 @@ impl Store {
     #[cfg(test)]
     fn with_pack_bytes(mut self, bytes: usize) -> Store {
         self.pack_bytes = bytes;
+        self
+    }
+
+    /// Leaves tombstones while more than `events` wait unacknowledged, `max` at most, so that
+    /// tests see them.
+    #[cfg(test)]
+    fn with_tombstones(mut self, events: u64, max: usize) -> Store {
+        self.tomb_backlog = events;
+        self.tombs_max = max;
         self
     }
 
@@ -1092,6 +1140,7 @@ impl Store {
             // records only, so that no record lists a block that is gone.
             let mut reclaimed = HashSet::new();
             let mut last: Option<MarkerKey> = None;
+            let mut deleted = Vec::new();
             for id in &meta.complete {
                 let record = meta.partial.get(id).map(|a| a.marker);
                 if bytes <= target && (last.is_none() || record != last) {
@@ -1099,12 +1148,22 @@ impl Store {
                 }
                 last = record;
                 let counts = (&mut bytes, &mut n_events, &mut n_tel);
-                if let Some(n) =
-                    delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?
-                {
+                let blocks = &self.sled.blocks;
+                if let Some(n) = delete_marked(
+                    blocks,
+                    meta,
+                    id,
+                    &mut change,
+                    &mut gone,
+                    counts,
+                    &mut deleted,
+                )? {
                     forget.push((*id, n));
                     reclaimed.insert(*id);
                 }
+            }
+            for k in deleted {
+                change.blocks.remove(&k[..]);
             }
             for class in [Class::Telemetry, Class::Keep] {
                 for item in self.sled.blocks.scan_prefix([prefix(class)]) {
@@ -1112,6 +1171,10 @@ impl Store {
                         break;
                     }
                     let (k, v) = item?;
+                    if tomb(&v) {
+                        change.blocks.remove(k);
+                        continue;
+                    }
                     let (count, last) = block_header(&v);
                     let first_seq = seq_of(&k);
                     if reclaimed.contains(&(class, first_seq)) {
@@ -1400,6 +1463,10 @@ impl Store {
                 break;
             }
             let (k, v) = item?;
+            if tomb(&v) {
+                meta.tombs.insert(key(class, seq_of(&k)));
+                continue;
+            }
             push_events(class, &k, &v, from, meta, max, out);
             handed(meta, class, block_header(&v).1 + 1);
         }
@@ -1412,11 +1479,16 @@ impl Store {
         let i = class_index(class);
         let start = key(class, meta.front[i]);
         let end = key(class, meta.next_seq);
-        if meta.complete.is_empty() || start >= end {
+        if (meta.complete.is_empty() && meta.tombs.is_empty()) || start >= end {
             return Ok(meta.front[i]);
         }
         for item in self.sled.blocks.range(start..end) {
             let (k, v) = item?;
+            if tomb(&v) {
+                meta.tombs.insert(key(class, seq_of(&k)));
+                meta.front[i] = meta.front[i].max(seq_of(&k) + 1);
+                continue;
+            }
             if !meta
                 .partial
                 .get(&(class, seq_of(&k)))
@@ -1465,6 +1537,10 @@ impl Store {
         }
         for item in self.sled.blocks.range(start..end) {
             let (k, v) = item?;
+            if tomb(&v) {
+                meta.tombs.insert(key(class, seq_of(&k)));
+                continue;
+            }
             let (count, last) = block_header(&v);
             next = next.max(last + 1);
             if last < from {
@@ -1541,9 +1617,7 @@ impl Store {
         let mut sealed = Vec::new();
         for r in runs {
             let id = (r.class, r.block);
-            if !meta.partial.contains_key(&id)
-                && !self.sled.blocks.contains_key(key(r.class, r.block))?
-            {
+            if !meta.partial.contains_key(&id) && !live(&self.sled.blocks, r.class, r.block)? {
                 continue; // dropped (store full) or purged meanwhile
             }
             let set = meta
@@ -1631,19 +1705,50 @@ impl Store {
         while take > 0 && take < meta.complete.len() && record(take) == record(take - 1) {
             take += 1;
         }
-        if take == 0 {
+        // While a backlog drains, the deleted blocks leave tombstones; otherwise their keys go,
+        // and so do the tombstones known so far (see [`tomb`]).
+        let backlog = meta.events.saturating_sub(meta.partial_events);
+        let tombstones = backlog > self.tomb_backlog && meta.tombs.len() < self.tombs_max;
+        if take == 0 && (tombstones || meta.tombs.is_empty()) {
             return Ok(());
         }
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
         let mut change = Change::default();
         let mut gone = HashMap::new();
+        let mut deleted = Vec::new();
         for id in meta.complete.iter().take(take) {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
-            delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?;
+            let blocks = &self.sled.blocks;
+            delete_marked(
+                blocks,
+                meta,
+                id,
+                &mut change,
+                &mut gone,
+                counts,
+                &mut deleted,
+            )?;
+        }
+        for k in &deleted {
+            if tombstones {
+                change.blocks.insert(&k[..], &[][..]);
+            } else {
+                change.blocks.remove(&k[..]);
+            }
+        }
+        if !tombstones {
+            for k in &meta.tombs {
+                change.blocks.remove(&k[..]);
+            }
         }
         change.counters(bytes, n_events, n_tel);
         self.write(meta, |_| self.sled.apply(&change))?;
         forget_listed(meta, gone);
+        if tombstones {
+            meta.tombs.extend(deleted);
+        } else {
+            meta.tombs.clear();
+        }
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {
             if let Some(a) = meta.partial.remove(&id) {
                 meta.complete_bytes -= u64::from(a.bytes);
@@ -1703,6 +1808,7 @@ impl Store {
             next_seq: meta.next_seq,
             oldest_seq,
             dropped: meta.dropped,
+            tombstones: meta.tombs.len() as u64,
         }
     }
 
@@ -1710,15 +1816,14 @@ impl Store {
     fn oldest(&self, meta: &mut Meta, class: Class) -> Result<Option<u64>, StoreError> {
         let from = self.front(meta, class)?;
         let start = self.first_block(class, from)?;
-        let Some(item) = self
-            .sled
-            .blocks
-            .range(start..key(class, meta.next_seq))
-            .next()
-        else {
-            return Ok(None);
+        let mut blocks = self.sled.blocks.range(start..key(class, meta.next_seq));
+        let (k, v) = loop {
+            match blocks.next().transpose()? {
+                None => return Ok(None),
+                Some((_, v)) if tomb(&v) => continue,
+                Some(item) => break item,
+            }
         };
-        let (k, v) = item?;
         let acked = meta.partial.get(&(class, seq_of(&k)));
         let first = block_events(&v)
             .enumerate()

@@ -660,12 +660,24 @@ fn a_marker_record_lists_a_bounded_number_of_blocks() {
     assert_eq!(s.stats().bytes, 0);
 }
 
-/// Blocks and bytes as stored in the blocks tree.
+/// Blocks and bytes as stored in the blocks tree (tombstones not counted).
 fn stored_blocks(s: &Store) -> (usize, u64) {
     s.sled.blocks.iter().fold((0, 0), |(n, bytes), item| {
         let (k, v) = item.expect("block");
+        if tomb(&v) {
+            return (n, bytes);
+        }
         (n + 1, bytes + (k.len() + v.len()) as u64)
     })
+}
+
+/// Tombstones in the blocks tree.
+fn tombstones(s: &Store) -> usize {
+    s.sled
+        .blocks
+        .iter()
+        .filter(|item| tomb(&item.as_ref().expect("block").1))
+        .count()
 }
 
 /// The small blocks of `class` from seq `from` on (what packing has not merged), measured as
@@ -789,13 +801,15 @@ fn packing_leaves_the_blocks_a_reader_holds_alone() {
 
 /// Commits `commits` (true: telemetry), reading `sizes` events (cycled) after every
 /// `read_every`-th commit and acknowledging those `acks` picks (cycled; none without `acks`),
-/// then reads the rest: (every ref read, in order; the refs acknowledged; events committed).
+/// then deleting up to `reclaim` acknowledged blocks (as the uplink's acker does), and reads
+/// the rest: (every ref read, in order; the refs acknowledged; events committed).
 fn interleave(
     s: &Store,
     commits: &[Vec<bool>],
     read_every: usize,
     sizes: &[usize],
     acks: Option<&[bool]>,
+    reclaim: usize,
 ) -> (Vec<EventRef>, HashSet<EventRef>, u64) {
     let mut reader = Reader::new(0);
     let (mut read, mut acked) = (Vec::new(), HashSet::new());
@@ -812,6 +826,7 @@ fn interleave(
                 .filter(|_| *picks.next().expect("cycle"))
                 .collect();
             s.ack_runs(&runs(&chosen)).expect("ack");
+            s.reclaim(reclaim).expect("reclaim");
             acked.extend(chosen);
             read.extend(batch);
         }
@@ -833,11 +848,16 @@ proptest::proptest! {
         read_every in 1usize..12,
         sizes in proptest::collection::vec(0usize..25, 1..10),
         acks in proptest::collection::vec(proptest::bool::ANY, 1..30),
+        reclaim in 0usize..4,
+        tombs_above in 0u64..60,
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (read, acked, total) = {
-            let s = Store::open(dir.path(), 1 << 20, 1 << 30).expect("open").with_pack_bytes(600);
-            let (read, acked, total) = interleave(&s, &commits, read_every, &sizes, Some(&acks));
+            let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+                .expect("open")
+                .with_pack_bytes(600)
+                .with_tombstones(tombs_above, 8);
+            let (read, acked, total) = interleave(&s, &commits, read_every, &sizes, Some(&acks), reclaim);
             let left: Vec<u64> = read.iter().filter(|e| !acked.contains(*e)).map(|e| e.seq).collect();
             proptest::prop_assert_eq!(seqs(&s.read_from(0, usize::MAX).expect("read")), left, "every acknowledgement found its block");
             s.flush().expect("flush");
@@ -858,6 +878,9 @@ proptest::proptest! {
         s.reclaim(usize::MAX).expect("reclaim");
         proptest::prop_assert_eq!(s.stats().bytes, stored_blocks(&s).1);
         proptest::prop_assert_eq!(s.stats().events, left.len() as u64);
+        // Once everything is acknowledged, no key is left: no tombstone is forgotten.
+        s.ack(&refs(&s.read_from(0, usize::MAX).expect("read"))).expect("ack");
+        proptest::prop_assert_eq!((s.sled.blocks.len(), s.stats().bytes, s.stats().tombstones), (0, 0, 0));
     }
 
     /// Packing while the bound drops: the counters stay those of the stored blocks, the
@@ -870,11 +893,17 @@ proptest::proptest! {
         sizes in proptest::collection::vec(0usize..25, 1..10),
         acks in proptest::collection::vec(proptest::bool::ANY, 1..30),
         with_acks in proptest::bool::ANY,
+        reclaim in 0usize..4,
+        tombs_above in 0u64..60,
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let s = Store::open(dir.path(), 1 << 20, 6 << 10).expect("open").with_pack_bytes(600);
-            let (read, _, _) = interleave(&s, &commits, read_every, &sizes, with_acks.then_some(&acks[..]));
+            let s = Store::open(dir.path(), 1 << 20, 6 << 10)
+                .expect("open")
+                .with_pack_bytes(600)
+                .with_tombstones(tombs_above, 8);
+            let acks = with_acks.then_some(&acks[..]);
+            let (read, _, _) = interleave(&s, &commits, read_every, &sizes, acks, reclaim);
             let got: Vec<u64> = read.iter().map(|e| e.seq).collect();
             proptest::prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "read once, in order: {:?}", got);
             let st = s.stats();
@@ -1023,4 +1052,87 @@ fn blocks_read_as_they_are_committed_are_not_loose() {
         );
     }
     assert_eq!(stored_blocks(&s).0, 400, "nothing packed");
+}
+
+/// While a backlog drains, deleted blocks leave tombstones: reads skip them, the counters leave
+/// them out, a late acknowledgement of a deleted block changes nothing, a restart meets them,
+/// and once the backlog is drained every one is removed.
+#[test]
+fn a_draining_backlog_leaves_tombstones_that_go_once_it_is_drained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+            .expect("open")
+            .with_tombstones(100, TOMBSTONES_MAX);
+        // Read as committed (not packed), not acknowledged: 50 blocks.
+        let mut all = Vec::new();
+        for c in 0..50u64 {
+            let events: Vec<Event> = (1..=20).map(|i| counter(c * 20 + i)).collect();
+            let r = s.commit(&events, &[]).expect("commit");
+            all.extend(s.read_from(r.start, usize::MAX).expect("read"));
+        }
+        // 1000 unacknowledged: the 40 blocks deleted leave tombstones.
+        s.ack(&refs(&all[..800])).expect("ack");
+        assert_eq!((tombstones(&s), s.stats().tombstones), (40, 40));
+        let st = s.stats();
+        assert_eq!(
+            (st.events, st.bytes, st.oldest_seq),
+            (200, stored_blocks(&s).1, Some(801))
+        );
+        let rest = seqs(&s.read_from(0, usize::MAX).expect("read"));
+        assert_eq!(rest, (801..=1000).collect::<Vec<u64>>());
+        // A duplicate PUBACK for a deleted block.
+        s.ack(&refs(&all[..20])).expect("ack");
+        let st = s.stats();
+        assert_eq!((st.events, st.bytes), (200, stored_blocks(&s).1));
+        s.flush().expect("flush");
+    }
+    let s = reopen(dir.path()).with_tombstones(100, TOMBSTONES_MAX);
+    // The uplink's reader skips them, and the sweep learns of them from it.
+    let mut reader = Reader::new(0);
+    let mut left = Vec::new();
+    while let Some(b) = Some(reader.read(&s, 7).expect("read")).filter(|b| !b.is_empty()) {
+        left.extend(b);
+    }
+    assert_eq!(seqs(&left), (801..=1000).collect::<Vec<u64>>());
+    let st = s.stats();
+    assert_eq!((st.events, st.oldest_seq), (200, Some(801)));
+    // 150 left unacknowledged: still a backlog, 2 more tombstones.
+    s.ack(&refs(&left[..50])).expect("ack");
+    assert_eq!(tombstones(&s), 42);
+    assert_eq!(s.stats().events, 150);
+    // Drained: the blocks and every tombstone go.
+    s.ack(&refs(&left[50..])).expect("ack");
+    assert_eq!(
+        (s.sled.blocks.len(), s.stats().tombstones, s.stats().bytes),
+        (0, 0, 0)
+    );
+}
+
+/// Past the most tombstones kept ([`TOMBSTONES_MAX`]; here 50) the next reclaim sweeps
+/// them, also while the backlog drains.
+#[test]
+fn tombstones_are_swept_when_too_many() {
+    const MAX: usize = 50;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), 1 << 20, 1 << 30)
+        .expect("open")
+        .with_tombstones(0, MAX);
+    let n = MAX as u64 + 10;
+    let mut all = Vec::new();
+    for i in 1..=n {
+        let r = s.commit(&[counter(i)], &[]).expect("commit");
+        all.extend(s.read_from(r.start, usize::MAX).expect("read"));
+    }
+    for (i, e) in all.iter().enumerate().take(MAX + 2) {
+        s.ack(&[e.at]).expect("ack");
+        let expected = [i + 1, 0, 1][i.saturating_sub(MAX - 1).min(2)];
+        assert_eq!(
+            tombstones(&s),
+            expected,
+            "after acknowledging {} blocks",
+            i + 1
+        );
+    }
+    assert_eq!(stored_blocks(&s).0 as u64, n - MAX as u64 - 2);
 }

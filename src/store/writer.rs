@@ -295,6 +295,12 @@ pub(crate) fn publish_gauges(store: &Store) {
         st.next_seq as f64,
     );
     crate::metrics::gauge(
+        "floorgate_store_tombstones",
+        "Keys of blocks deleted while a backlog drained, removed once it is drained.",
+        &[],
+        st.tombstones as f64,
+    );
+    crate::metrics::gauge(
         "floorgate_store_dropped",
         "Events dropped because the store was full, since start.",
         &[],
