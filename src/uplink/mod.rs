@@ -311,9 +311,11 @@ impl Uplink {
         acked: &mut Acked,
     ) -> Result<(), UplinkError> {
         let opts = self.options()?;
-        // Four times the broker-side window: publishes queue in rumqttc's channel, ready to go
-        // out the moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
-        let window = self.cfg.max_inflight as usize * 4;
+        // Twice the broker-side window: publishes queue in rumqttc's channel, ready to go out
+        // the moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
+        // Everything ahead holds payloads and keeps the sled leaves they came from in memory,
+        // so no more than that (four times measured no faster, and 3 MiB more RSS).
+        let window = self.cfg.max_inflight as usize * 2;
         let (client, eventloop) = AsyncClient::new(opts, window + 64);
         let mut events = Driver::new(eventloop);
 
@@ -358,7 +360,6 @@ impl Uplink {
             self.store.clone(),
             self.gateway.clone(),
             self.cfg.max_batch,
-            window,
             caught_up,
         ));
         let mut draining: Option<Instant> = None;
@@ -744,7 +745,7 @@ fn frame(
 
 /// The prefetch task of a session: reads the store from the oldest unacknowledged seq (a
 /// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
-/// payloads, at most a window ahead of the session.
+/// payloads, one read ([`READ_PUBLISHES`]) ahead of what the session holds.
 struct Prefetch {
     /// The publishes of one read at a time (see [`READ_PUBLISHES`]).
     rx: mpsc::Receiver<Result<Vec<Prepared>, UplinkError>>,
@@ -760,10 +761,10 @@ impl Prefetch {
         store: Arc<Store>,
         gateway: String,
         max_batch: usize,
-        window: usize,
         idle: Arc<AtomicBool>,
     ) -> Prefetch {
-        let (tx, rx) = mpsc::channel(window.div_ceil(READ_PUBLISHES).max(1));
+        // One read framed ahead of what the session holds.
+        let (tx, rx) = mpsc::channel(1);
         let flag = idle.clone();
         let empty = payload(&gateway, []);
         // Reading and framing run on a blocking thread, like the acker's deletes.
