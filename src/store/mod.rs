@@ -32,9 +32,11 @@
 //! Tombstones: removing a key can make sled merge the emptied leaf into its neighbour and
 //! write the merged leaf out (a blob file when it holds large blocks); during a drain that cost
 //! a fifth of the rate. So while more than 10,000 events wait unacknowledged, a deleted block
-//! leaves an empty value under its key. Every read skips it, no counter includes it, and once
-//! the backlog is drained (or 4096 are kept) the next reclaim removes the keys: their leaves
-//! then hold only tombstones and merge cheaply.
+//! leaves an empty value under its key. Every read skips it (and lists it, after a restart),
+//! no counter includes it, and the shedding of a full store removes it. The first reclaim with
+//! at most 10,000 events unacknowledged, or with 4096 tombstones listed, removes every listed
+//! key in its batch; the leaves behind the drain then hold only tombstones and merge cheaply
+//! (the one at the drain's frontier may still be rewritten once).
 //!
 //! A disk that does not take writes. sled 0.34 does not survive an I/O error: after a write
 //! failed, either every later write returns the same error, also once the disk has room again,
@@ -555,8 +557,9 @@ fn forget_listed(meta: &mut Meta, gone: HashMap<MarkerKey, u32>) {
     }
 }
 
-/// Adds the deletion of the marked block `id` to `change` (the block, and its marker record
-/// with the last block it lists) and takes it out of the counters (bytes, events, telemetry);
+/// Deletes the marked block `id`: pushes its key to `deleted` (the caller removes it or leaves
+/// a tombstone), adds the deletion of its marker record with the last block it lists to
+/// `change`, and takes it out of the counters (bytes, events, telemetry);
 /// returns its events, or `None` when it is gone from `partial` already (dropped by the bound).
 /// A listed block that is gone (deleted by an older version, or a record half deleted) is only
 /// unlisted: the counters no longer hold it.
@@ -587,11 +590,10 @@ fn delete_marked(
 }
 
 /// Whether a stored value is a tombstone: an empty value where a block was deleted while a
-/// backlog drained. Removing a key can make sled merge its leaf into the neighbour and write
-/// the result out, which with leaves of large blocks costs a fifth of a drain's rate; a
-/// tombstone keeps the leaf's keys, and once the backlog is drained, or [`TOMBSTONES_MAX`]
-/// are kept, a sweep removes the keys of leaves that hold only tombstones, cheaply. Every read
-/// skips tombstones; they are counted in no counter.
+/// backlog drained (see the module documentation). Removing a key can make sled merge its
+/// leaf into the neighbour and write the result out, which with leaves of large blocks costs a
+/// fifth of a drain's rate; a tombstone keeps the leaf's keys. Every read skips tombstones and
+/// they are counted in no counter; [`Store::reclaim`] sweeps the listed ones.
 fn tomb(v: &[u8]) -> bool {
     v.is_empty()
 }
@@ -1133,6 +1135,8 @@ impl Store {
         let mut dropped = Dropped::default();
         // Partly acknowledged blocks dropped here: (id, events already acknowledged).
         let mut forget: Vec<((Class, u64), u64)> = Vec::new();
+        // Tombstones the shedding removed.
+        let mut swept = Vec::new();
         if bytes > self.max_bytes {
             // Shed to 90 % of the bound so that a full store does not drop on every commit.
             let target = self.max_bytes / 10 * 9;
@@ -1172,6 +1176,7 @@ impl Store {
                     }
                     let (k, v) = item?;
                     if tomb(&v) {
+                        swept.push(key(class, seq_of(&k)));
                         change.blocks.remove(k);
                         continue;
                     }
@@ -1246,6 +1251,9 @@ impl Store {
         self.sled.apply(&change)?;
         self.sled.db.flush()?;
         forget_listed(meta, gone);
+        for k in swept {
+            meta.tombs.remove(&k);
+        }
         let forgot = !forget.is_empty();
         for ((class, block), already) in forget {
             meta.partial.remove(&(class, block));
@@ -1685,7 +1693,9 @@ impl Store {
 
     /// Deletes up to `max` wholly acknowledged blocks (the longest acknowledged first) with
     /// their markers, in one batch; returns how many still wait. Not flushed: a crash before
-    /// the next flush leaves them marked, and they are deleted after the restart.
+    /// the next flush leaves them marked, and they are deleted after the restart. While more
+    /// than [`TOMBSTONE_BACKLOG`] events wait unacknowledged the blocks leave tombstones (see
+    /// [`tomb`]); otherwise every tombstone known is swept in the same batch.
     pub fn reclaim(&self, max: usize) -> Result<usize, StoreError> {
         let mut meta = lock(&self.meta);
         self.reclaim_locked(&mut meta, max)?;
@@ -1820,7 +1830,14 @@ impl Store {
         let (k, v) = loop {
             match blocks.next().transpose()? {
                 None => return Ok(None),
-                Some((_, v)) if tomb(&v) => continue,
+                // Gone: listed for the sweep, and the front moves past it (nothing live lies
+                // between the front and a tombstone met first), so the next call skips it.
+                Some((k, v)) if tomb(&v) => {
+                    let seq = seq_of(&k);
+                    meta.tombs.insert(key(class, seq));
+                    let i = class_index(class);
+                    meta.front[i] = meta.front[i].max(seq + 1);
+                }
                 Some(item) => break item,
             }
         };

@@ -913,6 +913,7 @@ proptest::proptest! {
             if !with_acks {
                 proptest::prop_assert_eq!(stored + st.dropped, st.next_seq - 1);
             }
+            proptest::prop_assert_eq!(st.tombstones as usize, tombstones(&s), "every tombstone listed, none twice");
             s.flush().expect("flush");
         }
         let s = reopen(dir.path());
@@ -921,6 +922,8 @@ proptest::proptest! {
         proptest::prop_assert_eq!(st.bytes, stored_blocks(&s).1);
         proptest::prop_assert!(st.bytes <= 6 << 10);
         proptest::prop_assert_eq!(st.events, s.read_from(0, usize::MAX).expect("read").len() as u64);
+        s.ack(&refs(&s.read_from(0, usize::MAX).expect("read"))).expect("ack");
+        proptest::prop_assert_eq!((s.sled.blocks.len(), s.stats().bytes, s.stats().tombstones), (0, 0, 0));
     }
 }
 
@@ -1088,6 +1091,13 @@ fn a_draining_backlog_leaves_tombstones_that_go_once_it_is_drained() {
         s.flush().expect("flush");
     }
     let s = reopen(dir.path()).with_tombstones(100, TOMBSTONES_MAX);
+    // A status query before any read finds the oldest event behind them, and lists them.
+    assert_eq!(s.stats().oldest_seq, Some(801));
+    assert_eq!(s.stats().tombstones, 40);
+    let s = {
+        drop(s);
+        reopen(dir.path()).with_tombstones(100, TOMBSTONES_MAX)
+    };
     // The uplink's reader skips them, and the sweep learns of them from it.
     let mut reader = Reader::new(0);
     let mut left = Vec::new();

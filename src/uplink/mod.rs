@@ -354,8 +354,8 @@ impl Uplink {
             Some(o) => Some(o.lock().await),
             None => None,
         };
-        // Reading the store and framing payloads happen in a task of their own, a window ahead,
-        // so that this task only hands publishes over and books PUBACKs.
+        // Reading the store and framing payloads happen in a task of their own, a few reads
+        // ahead, so that this task only hands publishes over and books PUBACKs.
         let ahead = ahead.insert(Prefetch::start(
             self.store.clone(),
             self.gateway.clone(),
@@ -745,7 +745,8 @@ fn frame(
 
 /// The prefetch task of a session: reads the store from the oldest unacknowledged seq (a
 /// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
-/// payloads, one read ([`READ_PUBLISHES`]) ahead of what the session holds.
+/// payloads ahead of the session: besides the publishes the session took, one read of up to
+/// [`READ_PUBLISHES`] waits in `ready`, one in the channel and one framed waiting to be sent.
 struct Prefetch {
     /// The publishes of one read at a time (see [`READ_PUBLISHES`]).
     rx: mpsc::Receiver<Result<Vec<Prepared>, UplinkError>>,
@@ -763,7 +764,7 @@ impl Prefetch {
         max_batch: usize,
         idle: Arc<AtomicBool>,
     ) -> Prefetch {
-        // One read framed ahead of what the session holds.
+        // Capacity one read: see the type's documentation for what waits ahead.
         let (tx, rx) = mpsc::channel(1);
         let flag = idle.clone();
         let empty = payload(&gateway, []);
