@@ -154,7 +154,15 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(2, 0)
+    // FLOORGATE_LONG_FAULTS=1: an outage long enough to buffer 100,000 events (16 dispensers
+    // polled every 10 ms over four connections), which the store drains leaving tombstones.
+    let long = std::env::var_os("FLOORGATE_LONG_FAULTS").is_some();
+    let (n, buffer, within) = if long {
+        (16, 100_000.0, Duration::from_secs(600))
+    } else {
+        (2, 200.0, Duration::from_secs(10))
+    };
+    let (tcp, devs) = still_floor(n, 0)
         .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
         .await
         .unwrap();
@@ -163,23 +171,33 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     let broker = Broker::start_tls(&pki);
     let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
     let mut sub = subscribe(&broker, "floorgate/test/gw-out/events").await;
-    let gw = Gateway::start(|state, metrics| {
-        config(
-            "gw-out",
-            state,
-            metrics,
-            &two_bags(&uplink_tls(&pki, proxy.port), tcp),
-        )
-    });
+    let uplink = uplink_tls(&pki, proxy.port);
+    let floor = if long {
+        let buses: String = (0..4).map(|i| tcp_bus(&format!("lan{i}"), tcp)).collect();
+        let devices: String = (1..=n)
+            .map(|u| {
+                device(
+                    &format!("b{u}"),
+                    &format!("lan{}", u % 4),
+                    u as u8,
+                    "bag_dispenser",
+                    "10ms",
+                )
+            })
+            .collect();
+        format!("{uplink}{buses}{devices}")
+    } else {
+        two_bags(&uplink, tcp)
+    };
+    let gw = Gateway::start(|state, metrics| config("gw-out", state, metrics, &floor));
     let mut rx = Received::default();
     expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
-    let t = traffic(devs.clone(), Duration::from_millis(10), run.clone());
+    let every = Duration::from_millis(if long { 5 } else { 10 });
+    let t = traffic(devs.clone(), every, run.clone());
     proxy.cut();
     let buffered = gw
-        .wait_metric("floorgate_store_events", Duration::from_secs(10), |v| {
-            v >= 200.0
-        })
+        .wait_metric("floorgate_store_events", within, |v| v >= buffer)
         .await;
     assert!(
         buffered.is_some(),
@@ -197,7 +215,8 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     assert!(packed.is_some(), "small blocks packed\n{}", gw.log());
     let during = rx.seqs().len();
     proxy.restore();
-    let names = ["b1", "b2"];
+    let names: Vec<String> = (1..=n).map(|u| format!("b{u}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     // Live events keep flowing while the backlog drains.
     receive_until(&mut sub, &mut rx, Duration::from_secs(2), |_| false).await;
     run.store(false, Ordering::Relaxed);
@@ -208,7 +227,7 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
         &names,
         &devs,
         &start,
-        Duration::from_secs(20),
+        Duration::from_secs(if long { 120 } else { 20 }),
     )
     .await;
     assert!(done, "everything delivered after the outage\n{}", gw.log());
@@ -237,6 +256,15 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
             .await
             .is_some(),
         "acknowledged blocks deleted after the drain\n{}",
+        gw.log()
+    );
+    // Tombstones the drain left (a long outage's backlog) are swept once it is drained.
+    assert!(
+        gw.wait_metric("floorgate_store_tombstones", Duration::from_secs(10), |v| v
+            == 0.0)
+            .await
+            .is_some(),
+        "tombstones swept after the drain\n{}",
         gw.log()
     );
     stop.cancel();
