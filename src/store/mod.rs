@@ -1694,8 +1694,8 @@ impl Store {
     /// Deletes up to `max` wholly acknowledged blocks (the longest acknowledged first) with
     /// their markers, in one batch; returns how many still wait. Not flushed: a crash before
     /// the next flush leaves them marked, and they are deleted after the restart. While more
-    /// than [`TOMBSTONE_BACKLOG`] events wait unacknowledged the blocks leave tombstones (see
-    /// [`tomb`]); otherwise every tombstone known is swept in the same batch.
+    /// than 10,000 events wait unacknowledged the blocks leave tombstones (see the module
+    /// documentation); otherwise every tombstone known is swept in the same batch.
     pub fn reclaim(&self, max: usize) -> Result<usize, StoreError> {
         let mut meta = lock(&self.meta);
         self.reclaim_locked(&mut meta, max)?;
