@@ -184,6 +184,19 @@ async fn refused(name: &str, uplink: String, broker: Option<&Broker>, expect_in_
             "nothing was delivered"
         );
     }
+    // Every event committed so far is still stored: none was deleted on a refusal. (Seqs
+    // start at 1; the events gauge is read second, so it can only be ahead.)
+    let next = gw
+        .metric("floorgate_store_next_seq")
+        .await
+        .expect("next seq");
+    let stored = gw.metric("floorgate_store_events").await.expect("events");
+    assert!(
+        stored >= next - 1.0,
+        "{stored} events stored of {} committed\n{}",
+        next - 1.0,
+        gw.log()
+    );
     stop.cancel();
 }
 

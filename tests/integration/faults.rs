@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-fn long() -> bool {
-    std::env::var_os("FLOORGATE_LONG_FAULTS").is_some()
+/// `FLOORGATE_LONG_FAULTS` set (and not `0`): the long variants.
+pub(crate) fn long() -> bool {
+    std::env::var_os("FLOORGATE_LONG_FAULTS").is_some_and(|v| v != "0")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,10 +53,14 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
     let mut rx = Received::default();
     expect_state(&mut sub, &mut rx, "b", &gw).await;
     proxy.cut();
-    // Mostly telemetry (the stock moves every step), a counter increment every 25th step.
+    // Mostly telemetry (the stock moves every step), a counter increment every 25th step, and
+    // a jam over the middle half (over 3 s: beyond the 2 s debounce of the `jammed` alarm).
     let steps = if long() { 30_000 } else { 3_000 };
     for i in 0..steps {
         devs[0].bank().with(|t| {
+            if i == steps / 4 || i == steps * 3 / 4 {
+                t.set_discrete(bag::DI_JAM, i == steps / 4);
+            }
             t.set_u16(bag::HR_STOCK, (i % 2) as u16 * 100 + 50);
             t.set_input_i16(bag::IR_TEMPERATURE, if i % 2 == 0 { 100 } else { 300 });
             if i % 25 == 0 {
@@ -93,6 +98,28 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
         .is_some());
     receive_until(&mut sub, &mut rx, Duration::from_millis(500), |_| false).await;
     assert_eq!(rx.counter_sum("b", "bags_dispensed"), want);
+    // The alarm raised and cleared during the overflow is kept, as are the jam's transitions.
+    let alarms: Vec<(String, String)> = rx
+        .of("b", "alarm")
+        .iter()
+        .map(|e| (e["alarm"].to_string(), e["state"].to_string()))
+        .collect();
+    assert_eq!(
+        alarms,
+        [("\"jammed\"", "\"raised\""), ("\"jammed\"", "\"cleared\"")]
+            .map(|(a, s)| (a.to_string(), s.to_string())),
+        "alarms kept through a full store\n{}",
+        gw.log()
+    );
+    let jams: Vec<bool> = rx
+        .of("b", "state")
+        .iter()
+        .filter_map(|e| e["values"]["jam"].as_bool())
+        .collect();
+    assert!(
+        jams.ends_with(&[true, false]),
+        "jam transitions kept: {jams:?}"
+    );
     rx.assert_seq_identity();
     let gaps: Vec<&serde_json::Value> = rx.events.iter().filter(|e| e["kind"] == "gap").collect();
     assert!(!gaps.is_empty(), "drops are reported");
@@ -239,6 +266,19 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
         proxy.restore();
         receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
     }
+    // A cut of 6 s: the event session and the control link retry with a jittered back-off
+    // from 250 ms doubling (at least 125, 250, 500 ms, ... apart), so each tries about
+    // log2(6 s / 125 ms) + 1 = 7 times at most; retrying without a back-off would be hundreds.
+    let tried = proxy.attempts();
+    proxy.cut();
+    receive_until(&mut sub, &mut rx, Duration::from_secs(6), |_| false).await;
+    let attempts = proxy.attempts() - tried;
+    proxy.restore();
+    assert!(
+        (2..=16).contains(&attempts),
+        "connection attempts during a 6 s cut: {attempts}, expected a few (back-off)\n{}",
+        gw.log()
+    );
     run.store(false, Ordering::Relaxed);
     traffic.await.unwrap();
     let names = ["b1", "b2"];
@@ -259,10 +299,12 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
     crate::resilience::assert_counters_complete(&rx, &names, &devs, &start);
     rx.assert_seq_identity();
     rx.assert_per_device_order();
+    rx.assert_no_seq_hole();
     let reconnects = proxy.connections() - before;
     assert!(
-        reconnects <= rounds as u64 * 4 + 2,
-        "reconnects are bounded by the back-off: {reconnects} for {rounds} resets"
+        reconnects <= (rounds as u64 + 1) * 4 + 2,
+        "reconnects are bounded by the back-off: {reconnects} for {} resets",
+        rounds + 1
     );
     stop.cancel();
 }

@@ -85,6 +85,8 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     let start: Vec<u64> = devs.iter().map(counter_of).collect();
     let pki = Pki::generate();
     let broker = Broker::start_tls(&pki);
+    // The broker flaps too: the gateway reaches it through a proxy that is cut now and then.
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
     let mut sub = subscribe(&broker, "floorgate/test/gw-k9/events").await;
     let mut gw = Gateway::start(|state, metrics| {
         config(
@@ -93,7 +95,7 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
             metrics,
             &format!(
                 "{}{}{}{}",
-                uplink_for(&pki, &broker),
+                uplink_tls(&pki, proxy.port),
                 tcp_bus("lan", tcp),
                 device("b1", "lan", 1, "bag_dispenser", "30ms"),
                 device("b2", "lan", 2, "bag_dispenser", "30ms")
@@ -105,18 +107,27 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     let run = Arc::new(AtomicBool::new(true));
     let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
     // FLOORGATE_LONG_FAULTS=1: hundreds of cycles.
-    let cycles = if std::env::var_os("FLOORGATE_LONG_FAULTS").is_some() {
-        300
-    } else {
-        6
-    };
+    let cycles = if crate::faults::long() { 300 } else { 6 };
     for cycle in 0..cycles {
         let pause = 150 + (cycle * 173) % 400;
+        // Every third cycle the broker becomes unreachable before the kill, and reachable
+        // again half-way through the next cycle: outages span kills and restarts.
+        if cycle % 3 == 1 {
+            proxy.cut();
+        }
+        if cycle % 3 == 2 {
+            receive_until(&mut sub, &mut rx, Duration::from_millis(pause / 2), |_| {
+                false
+            })
+            .await;
+            proxy.restore();
+        }
         receive_until(&mut sub, &mut rx, Duration::from_millis(pause), |_| false).await;
         gw.kill9();
         receive_until(&mut sub, &mut rx, Duration::from_millis(100), |_| false).await;
         gw.spawn();
     }
+    proxy.restore();
     run.store(false, Ordering::Relaxed);
     t.await.unwrap();
     let names = ["b1", "b2"];
@@ -131,7 +142,7 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     .await;
     assert!(
         done,
-        "all increments delivered after 6 kill -9 cycles\n{}",
+        "all increments delivered after {cycles} kill -9 cycles\n{}",
         gw.log()
     );
     assert_counters_complete(&rx, &names, &devs, &start);
@@ -156,7 +167,7 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
     let stop = CancellationToken::new();
     // FLOORGATE_LONG_FAULTS=1: an outage long enough to buffer 100,000 events (16 dispensers
     // polled every 10 ms over four connections), which the store drains leaving tombstones.
-    let long = std::env::var_os("FLOORGATE_LONG_FAULTS").is_some();
+    let long = crate::faults::long();
     let (n, buffer, within) = if long {
         (16, 100_000.0, Duration::from_secs(600))
     } else {
@@ -214,11 +225,29 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
         .await;
     assert!(packed.is_some(), "small blocks packed\n{}", gw.log());
     let during = rx.seqs().len();
+    // Seqs from here on were committed after the outage: live events.
+    let live_from = gw
+        .metric("floorgate_store_next_seq")
+        .await
+        .expect("next seq") as u64;
     proxy.restore();
     let names: Vec<String> = (1..=n).map(|u| format!("b{u}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    // Live events keep flowing while the backlog drains.
-    receive_until(&mut sub, &mut rx, Duration::from_secs(2), |_| false).await;
+    // Live events flow again while the backlog drains (after it, in seq order) and while the
+    // devices keep changing.
+    let live = receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| {
+        // The last event received (publishes arrive in seq order); cheap with 100,000 events.
+        rx.events
+            .last()
+            .and_then(|e| e["seq"].as_u64())
+            .is_some_and(|s| s >= live_from + 100)
+    })
+    .await;
+    assert!(
+        live,
+        "live events delivered after the backlog, traffic still running\n{}",
+        gw.log()
+    );
     run.store(false, Ordering::Relaxed);
     t.await.unwrap();
     let done = receive_all_increments(

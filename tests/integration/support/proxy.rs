@@ -15,6 +15,7 @@ struct Knobs {
     delay_ms: AtomicU64,
     stalled: AtomicBool,
     connections: AtomicU64,
+    attempts: AtomicU64,
 }
 
 /// A cuttable, slowable TCP forwarder.
@@ -63,6 +64,9 @@ impl Proxy {
                 let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
+                k.attempts.fetch_add(1, Ordering::Relaxed);
+                // Closing with a zero linger sends a reset, as a network fault does.
+                let _ = socket_linger_zero(&inbound);
                 if *d.borrow() {
                     drop(inbound);
                     continue;
@@ -117,6 +121,35 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.knobs.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connection attempts so far, also those refused while cut.
+    pub fn attempts(&self) -> u64 {
+        self.knobs.attempts.load(Ordering::Relaxed)
+    }
+}
+
+/// SO_LINGER 0: dropping the socket resets the connection instead of closing it.
+fn socket_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized option value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
