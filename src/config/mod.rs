@@ -474,4 +474,51 @@ mod fuzz_smoke {
             prop_assert_eq!(r.is_ok(), (-16384..=16383).contains(&n));
         }
     }
+
+    proptest! {
+        // Signing and verifying are slow without optimisation: fewer cases.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The fuzz target's path for pushes of any shape: a configuration push (any version,
+        /// config-shaped text, any or no signature) is checked and parsed, and a command with
+        /// any device, point and value is checked, without a panic. A push signed with the
+        /// gateway's key verifies; the same push with another version does not.
+        #[test]
+        fn pushes_of_any_shape_are_checked_without_panic(
+            parts in proptest::collection::vec(0..FRAGMENTS.len(), 0..40),
+            version in any::<u64>(),
+            sig in proptest::option::of("\\PC{0,100}"),
+            device in prop_oneof![Just("d".to_string()), "\\PC{0,10}"],
+            point in prop_oneof![Just("x".to_string()), "\\PC{0,10}"],
+            value in prop_oneof![
+                any::<f64>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                "\\PC{0,20}".prop_map(serde_json::Value::from),
+                any::<bool>().prop_map(serde_json::Value::from),
+                Just(serde_json::Value::Null),
+            ],
+            expires in proptest::option::of(any::<u64>()),
+        ) {
+            use crate::remote::{Command, ConfigSet};
+            let text: String = parts.iter().map(|i| FRAGMENTS[*i]).collect();
+            let set = ConfigSet { version, toml: text.clone(), sig };
+            let set: ConfigSet = serde_json::from_slice(&serde_json::to_vec(&set).unwrap()).unwrap();
+            let _ = crate::remote::verify_signature(&[7u8; 32], &set);
+            let _ = super::parse_str(&set.toml, Path::new("/nonexistent/f.toml"));
+            let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+            let public = key.verifying_key().to_bytes();
+            let signed = ConfigSet::signed(&key, version, &text);
+            prop_assert!(crate::remote::verify_signature(&public, &signed).is_ok());
+            let other = ConfigSet { version: version.wrapping_add(1), ..signed };
+            prop_assert!(crate::remote::verify_signature(&public, &other).is_err());
+            let json = serde_json::json!({"id": "x", "device": device, "point": point, "value": value, "expires": expires});
+            let cmd: Command = serde_json::from_slice(&serde_json::to_vec(&json).unwrap()).unwrap();
+            let cfg = super::parse_str(
+                "[gateway]\nid = \"f\"\n[profiles.p]\n[[profiles.p.points]]\nname = \"x\"\ntable = \"holding\"\naddress = 0\ntype = \"i32\"\nscale = 0.5\nwritable = true\nmin = -10\nmax = 10\n[[bus]]\nname = \"b\"\ntcp = { address = \"127.0.0.1:1\" }\n[[device]]\nname = \"d\"\nbus = \"b\"\nunit = 1\nprofile = \"p\"\n",
+                Path::new("f.toml"),
+            ).unwrap();
+            let _ = crate::remote::check_command(&cfg, &cmd);
+        }
+    }
 }

@@ -105,7 +105,35 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     let mut rx = Received::default();
     expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
-    let t = traffic(devs.clone(), Duration::from_millis(15), run.clone());
+    // A dispense (counter) and a stock change (telemetry) every 15 ms; the status flips every
+    // 600 ms, longer than a kill's downtime, so that every transition is observable: one that
+    // happens while the gateway is down is derived from its last snapshot after the restart.
+    let flips = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = {
+        let (devs, run, flips) = (devs.clone(), run.clone(), flips.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while run.load(Ordering::Relaxed) {
+                n += 1;
+                let flip = n % 40 == 0;
+                for d in &devs {
+                    d.bank().with(|t| {
+                        let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
+                        t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
+                        t.set_u16(bag::HR_STOCK, 500 - (n % 400) as u16);
+                        if flip {
+                            let status = t.holding(bag::HR_STATUS);
+                            t.set_u16(bag::HR_STATUS, 1 - status.min(1));
+                        }
+                    });
+                }
+                if flip {
+                    flips.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
     // FLOORGATE_LONG_FAULTS=1: hundreds of cycles.
     let cycles = if crate::faults::long() { 300 } else { 6 };
     for cycle in 0..cycles {
@@ -149,6 +177,28 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     rx.assert_seq_identity();
     rx.assert_per_device_order();
     rx.assert_no_seq_hole();
+    // Every status transition arrived (the last one's poll may follow the last dispense).
+    let flips = flips.load(Ordering::Relaxed);
+    let transitions = |rx: &Received, name: &str| {
+        let status: Vec<u64> = rx
+            .of(name, "state")
+            .iter()
+            .filter_map(|e| e["values"]["status"].as_u64())
+            .collect();
+        status.windows(2).filter(|w| w[0] != w[1]).count() as u64
+    };
+    receive_until(&mut sub, &mut rx, Duration::from_secs(2), |rx| {
+        names.iter().all(|n| transitions(rx, n) >= flips)
+    })
+    .await;
+    for name in names {
+        assert_eq!(
+            transitions(&rx, name),
+            flips,
+            "{name}: every status transition arrives"
+        );
+    }
+    assert!(flips >= 3, "the status flipped during the cycles: {flips}");
     // The last observed state is the device's state.
     let last_status = rx
         .of("b1", "state")
