@@ -125,6 +125,12 @@ impl Writer {
             if shutdown.is_cancelled() {
                 break;
             }
+            if std::env::var_os("FLOORGATE_FAULT_HANG_WRITER").is_some() {
+                // Fault injection for the watchdog test: the writer stops making progress.
+                tracing::warn!("FLOORGATE_FAULT_HANG_WRITER: the writer hangs");
+                shutdown.cancelled().await;
+                break;
+            }
         }
         while let Ok(d) = self.rx.try_recv() {
             pending.push(d);

@@ -166,7 +166,18 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_pipeline_stops_the_watchdog_pings() {
+async fn a_hung_bus_task_stops_the_watchdog_pings() {
+    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_BUS", "lan")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_writer_stops_the_watchdog_pings() {
+    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_WRITER", "1")).await;
+}
+
+/// `floorgate run` under a systemd-like notify socket with the fault `env` injected: READY and
+/// watchdog pings first, then no ping once the faulty task stopped making progress.
+async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str)) {
     use std::os::unix::net::UnixDatagram;
     let stop = CancellationToken::new();
     let (tcp, _devs) = still_floor(1, 0)
@@ -197,7 +208,7 @@ async fn a_hung_pipeline_stops_the_watchdog_pings() {
         .args(["run", "--config"])
         .arg(&path)
         .env("NOTIFY_SOCKET", &sock_path)
-        .env("FLOORGATE_FAULT_HANG_BUS", "lan")
+        .env(fault.0, fault.1)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -224,7 +235,8 @@ async fn a_hung_pipeline_stops_the_watchdog_pings() {
     let last = *pings.last().unwrap();
     assert!(
         last < Duration::from_secs(18),
-        "no ping once the bus task hung (last at {last:?})"
+        "no ping once the task hung ({}, last at {last:?})",
+        fault.0
     );
     stop.cancel();
 }
