@@ -81,6 +81,7 @@ impl Writer {
         let mut pending: Vec<Derived> = Vec::new();
         // Gauges also move when the uplink drains without new commits.
         let mut gauges = tokio::time::interval(Duration::from_millis(500));
+        let hang = std::env::var_os("FLOORGATE_FAULT_HANG_WRITER").is_some();
         loop {
             beat();
             if self.store.unwritable().is_some() {
@@ -125,7 +126,7 @@ impl Writer {
             if shutdown.is_cancelled() {
                 break;
             }
-            if std::env::var_os("FLOORGATE_FAULT_HANG_WRITER").is_some() {
+            if hang {
                 // Fault injection for the watchdog test: the writer stops making progress.
                 tracing::warn!("FLOORGATE_FAULT_HANG_WRITER: the writer hangs");
                 shutdown.cancelled().await;
