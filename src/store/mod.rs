@@ -381,6 +381,9 @@ struct Sled {
 struct Change {
     records: sled::Batch,
     blocks: sled::Batch,
+    /// Keys of the blocks [`delete_marked`] deleted: the caller removes them or leaves
+    /// tombstones (see [`tomb`]).
+    deleted: Vec<[u8; 9]>,
 }
 
 impl Change {
@@ -557,8 +560,8 @@ fn forget_listed(meta: &mut Meta, gone: HashMap<MarkerKey, u32>) {
     }
 }
 
-/// Deletes the marked block `id`: pushes its key to `deleted` (the caller removes it or leaves
-/// a tombstone), adds the deletion of its marker record with the last block it lists to
+/// Deletes the marked block `id`: lists its key in `change.deleted` (the caller removes it or
+/// leaves a tombstone), adds the deletion of its marker record with the last block it lists to
 /// `change`, and takes it out of the counters (bytes, events, telemetry);
 /// returns its events, or `None` when it is gone from `partial` already (dropped by the bound).
 /// A listed block that is gone (deleted by an older version, or a record half deleted) is only
@@ -570,7 +573,6 @@ fn delete_marked(
     change: &mut Change,
     gone: &mut HashMap<MarkerKey, u32>,
     (bytes, events, telemetry): (&mut u64, &mut u64, &mut u64),
-    deleted: &mut Vec<[u8; 9]>,
 ) -> Result<Option<u64>, StoreError> {
     let Some(a) = meta.partial.get(id) else {
         return Ok(None);
@@ -585,7 +587,7 @@ fn delete_marked(
     if id.0 == Class::Telemetry {
         *telemetry = telemetry.saturating_sub(n);
     }
-    deleted.push(key(id.0, id.1));
+    change.deleted.push(key(id.0, id.1));
     Ok(Some(n))
 }
 
@@ -1144,7 +1146,6 @@ impl Store {
             // records only, so that no record lists a block that is gone.
             let mut reclaimed = HashSet::new();
             let mut last: Option<MarkerKey> = None;
-            let mut deleted = Vec::new();
             for id in &meta.complete {
                 let record = meta.partial.get(id).map(|a| a.marker);
                 if bytes <= target && (last.is_none() || record != last) {
@@ -1152,21 +1153,14 @@ impl Store {
                 }
                 last = record;
                 let counts = (&mut bytes, &mut n_events, &mut n_tel);
-                let blocks = &self.sled.blocks;
-                if let Some(n) = delete_marked(
-                    blocks,
-                    meta,
-                    id,
-                    &mut change,
-                    &mut gone,
-                    counts,
-                    &mut deleted,
-                )? {
+                if let Some(n) =
+                    delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?
+                {
                     forget.push((*id, n));
                     reclaimed.insert(*id);
                 }
             }
-            for k in deleted {
+            for k in std::mem::take(&mut change.deleted) {
                 change.blocks.remove(&k[..]);
             }
             for class in [Class::Telemetry, Class::Keep] {
@@ -1725,20 +1719,11 @@ impl Store {
         let (mut bytes, mut n_events, mut n_tel) = (meta.bytes, meta.events, meta.telemetry);
         let mut change = Change::default();
         let mut gone = HashMap::new();
-        let mut deleted = Vec::new();
         for id in meta.complete.iter().take(take) {
             let counts = (&mut bytes, &mut n_events, &mut n_tel);
-            let blocks = &self.sled.blocks;
-            delete_marked(
-                blocks,
-                meta,
-                id,
-                &mut change,
-                &mut gone,
-                counts,
-                &mut deleted,
-            )?;
+            delete_marked(&self.sled.blocks, meta, id, &mut change, &mut gone, counts)?;
         }
+        let deleted = std::mem::take(&mut change.deleted);
         for k in &deleted {
             if tombstones {
                 change.blocks.insert(&k[..], &[][..]);
