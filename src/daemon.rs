@@ -432,14 +432,20 @@ impl Pipeline {
     }
 }
 
-/// The writer looped recently and every bus task completed a poll or probe within its longest
-/// back-off (plus slack). A task stuck forever stops the watchdog pings, so systemd restarts us.
+/// The writer and the uplink looped recently and every bus task completed a poll or probe
+/// within its longest back-off (plus slack). A task stuck forever stops the watchdog pings, so
+/// systemd restarts us.
 /// While the store does not take writes, bus tasks wait for the writer on purpose (a restart
 /// would not make the disk writable); the writer still has to loop.
 fn progressing(shared: &Shared) -> bool {
     let now = crate::event::now_ms();
     let writer = crate::metrics::WRITER_BEAT_MS.load(std::sync::atomic::Ordering::Relaxed);
     if now.saturating_sub(writer) > 10_000 {
+        return false;
+    }
+    // The uplink loops at least every second while it runs (0: none runs).
+    let uplink = crate::metrics::UPLINK_BEAT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if uplink != 0 && now.saturating_sub(uplink) > 10_000 {
         return false;
     }
     if shared.store.unwritable().is_some() {

@@ -82,6 +82,9 @@ pub static CONNECT_FAILURES: Counter = Counter::new(
 /// Unix ms of the store writer's last loop (watchdog: the pipeline makes progress).
 pub static WRITER_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 
+/// Unix ms of the uplink's last loop, or 0 while no uplink runs (watchdog).
+pub static UPLINK_BEAT_MS: AtomicU64 = AtomicU64::new(0);
+
 static COUNTERS: [&Counter; 8] = [
     &STORE_COMMITS,
     &STORE_PACKED,

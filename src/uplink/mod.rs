@@ -218,6 +218,7 @@ impl Uplink {
 
     /// Runs sessions with jittered exponential back-off until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        beat();
         let control = match (
             self.subscriptions.is_empty(),
             self.incoming.clone(),
@@ -234,6 +235,7 @@ impl Uplink {
         };
         self.sessions(shutdown).await;
         drop(control);
+        crate::metrics::UPLINK_BEAT_MS.store(0, Ordering::Relaxed);
     }
 
     async fn sessions(&mut self, shutdown: CancellationToken) {
@@ -271,6 +273,7 @@ impl Uplink {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return,
+                _ = beating() => {}
             }
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
         }
@@ -323,6 +326,13 @@ impl Uplink {
         tokio::select! {
             r = connack(&mut events, Duration::from_secs(15)) => r?,
             _ = shutdown.cancelled() => return Ok(()),
+            _ = beating() => {}
+        }
+        if std::env::var_os("FLOORGATE_FAULT_HANG_UPLINK").is_some() {
+            // Fault injection for the watchdog test: the uplink stops making progress.
+            tracing::warn!("FLOORGATE_FAULT_HANG_UPLINK: the uplink hangs");
+            shutdown.cancelled().await;
+            return Ok(());
         }
         self.state.connected.store(true, Ordering::Relaxed);
         crate::metrics::gauge(
@@ -364,7 +374,10 @@ impl Uplink {
         ));
         let mut draining: Option<Instant> = None;
         let mut ack_due: Option<Instant> = None;
+        // The loop comes round at least every second, also while nothing happens (watchdog).
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            beat();
             // Keep the window full: everything still stored from the oldest seq, then new
             // commits. While stopping, the backlog keeps draining until the deadline.
             while unassigned.len() + inflight.len() < window {
@@ -428,6 +441,7 @@ impl Uplink {
                     draining = Some(Instant::now() + self.drain_timeout);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)), if draining.is_some() => {}
+                _ = tick.tick() => {}
             }
         }
         // Graceful stop: say so (the will is only for unexpected loss), then disconnect.
@@ -690,6 +704,20 @@ impl Frame {
             runs: self.runs,
             events: self.events,
         }
+    }
+}
+
+/// Notes that the uplink makes progress (see [`crate::metrics::UPLINK_BEAT_MS`]).
+fn beat() {
+    crate::metrics::UPLINK_BEAT_MS.store(crate::event::now_ms(), Ordering::Relaxed);
+}
+
+/// Beats every second while awaited beside something that may take long (a back-off, a
+/// CONNACK); never completes.
+async fn beating() {
+    loop {
+        beat();
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

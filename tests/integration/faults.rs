@@ -167,17 +167,26 @@ async fn a_full_store_sheds_telemetry_first_keeps_counters_and_reports_exact_gap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_bus_task_stops_the_watchdog_pings() {
-    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_BUS", "lan")).await;
+    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_BUS", "lan"), "").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_writer_stops_the_watchdog_pings() {
-    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_WRITER", "1")).await;
+    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_WRITER", "1"), "").await;
 }
 
-/// `floorgate run` under a systemd-like notify socket with the fault `env` injected: READY and
-/// watchdog pings first, then no ping once the faulty task stopped making progress.
-async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str)) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_uplink_stops_the_watchdog_pings() {
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let uplink = crate::support::gateway::uplink_for(&pki, &broker);
+    hung_pipeline_stops_the_watchdog_pings(("FLOORGATE_FAULT_HANG_UPLINK", "1"), &uplink).await;
+}
+
+/// `floorgate run` (with `extra` configuration) under a systemd-like notify socket with the
+/// fault `env` injected: READY and watchdog pings first, then no ping once the faulty task
+/// stopped making progress.
+async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str), extra: &str) {
     use std::os::unix::net::UnixDatagram;
     let stop = CancellationToken::new();
     let (tcp, _devs) = still_floor(1, 0)
@@ -194,7 +203,7 @@ async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str)) {
         &dir.path().join("state"),
         crate::support::gateway::free_port(),
         &format!(
-            "{}{}",
+            "{extra}{}{}",
             tcp_bus("lan", tcp).replace(
                 "timeout = \"300ms\"",
                 "timeout = \"300ms\"\nbackoff_max = \"1s\""
