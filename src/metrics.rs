@@ -48,6 +48,11 @@ pub static STORE_PACKED: Counter = Counter::new(
     "floorgate_store_blocks_packed_total",
     "Small blocks no reader had read, merged into larger ones (while the uplink is behind).",
 );
+/// Tombstones swept.
+pub static STORE_TOMBSTONES_SWEPT: Counter = Counter::new(
+    "floorgate_store_tombstones_swept_total",
+    "Keys of blocks deleted while a backlog drained, removed once it was drained.",
+);
 /// Store write failures.
 pub static STORE_ERRORS: Counter = Counter::new(
     "floorgate_store_errors_total",
@@ -85,9 +90,10 @@ pub static WRITER_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 /// Unix ms of the uplink's last loop, or 0 while no uplink runs (watchdog).
 pub static UPLINK_BEAT_MS: AtomicU64 = AtomicU64::new(0);
 
-static COUNTERS: [&Counter; 8] = [
+static COUNTERS: [&Counter; 9] = [
     &STORE_COMMITS,
     &STORE_PACKED,
+    &STORE_TOMBSTONES_SWEPT,
     &STORE_ERRORS,
     &PUBLISHES,
     &EVENTS_ACKED,

@@ -399,6 +399,10 @@ impl Sled {
     /// Applies `change` atomically: one sled transaction over both trees, which sled logs and
     /// recovers like one batch.
     fn apply(&self, change: &Change) -> Result<(), StoreError> {
+        debug_assert!(
+            change.deleted.is_empty(),
+            "the caller removes or tombstones the deleted blocks first"
+        );
         use sled::transaction::TransactionError;
         use sled::Transactional as _;
         (&self.records, &self.blocks)
@@ -1742,6 +1746,7 @@ impl Store {
         if tombstones {
             meta.tombs.extend(deleted);
         } else {
+            crate::metrics::STORE_TOMBSTONES_SWEPT.add(meta.tombs.len() as u64);
             meta.tombs.clear();
         }
         for id in meta.complete.drain(..take).collect::<Vec<_>>() {

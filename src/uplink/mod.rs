@@ -317,7 +317,7 @@ impl Uplink {
         // Twice the broker-side window: publishes queue in rumqttc's channel, ready to go out
         // the moment a PUBACK frees a slot, instead of waiting for this task to be scheduled.
         // Everything ahead holds payloads and keeps the sled leaves they came from in memory,
-        // so no more than that (four times measured no faster, and 3 MiB more RSS).
+        // so no more than that (four times measured no faster, and used more memory).
         let window = self.cfg.max_inflight as usize * 2;
         let (client, eventloop) = AsyncClient::new(opts, window + 64);
         let mut events = Driver::new(eventloop);
