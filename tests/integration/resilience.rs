@@ -18,6 +18,16 @@ pub(crate) fn traffic(
     every: Duration,
     run: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
+    traffic_flipping(devs, every, run, true)
+}
+
+/// As [`traffic`]; the status flips only with `flip`.
+fn traffic_flipping(
+    devs: Vec<Device>,
+    every: Duration,
+    run: Arc<AtomicBool>,
+    flip: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut n = 0u32;
         while run.load(Ordering::Relaxed) {
@@ -26,7 +36,9 @@ pub(crate) fn traffic(
                 d.bank().with(|t| {
                     let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
                     t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
-                    t.set_u16(bag::HR_STATUS, (n % 2) as u16);
+                    if flip {
+                        t.set_u16(bag::HR_STATUS, (n % 2) as u16);
+                    }
                     t.set_u16(bag::HR_STOCK, 500 - (n % 400) as u16);
                 });
             }
@@ -105,24 +117,8 @@ async fn kill_9_mid_stream_loses_no_counter_increment_and_never_reuses_a_seq() {
     let mut rx = Received::default();
     expect_state(&mut sub, &mut rx, "b2", &gw).await;
     let run = Arc::new(AtomicBool::new(true));
-    // A dispense (counter) and a stock change (telemetry) every 15 ms.
-    let t = {
-        let (devs, run) = (devs.clone(), run.clone());
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while run.load(Ordering::Relaxed) {
-                n += 1;
-                for d in &devs {
-                    d.bank().with(|t| {
-                        let c = t.get_u32_abcd(bag::HR_BAGS_DISPENSED);
-                        t.set_u32_abcd(bag::HR_BAGS_DISPENSED, c + 1);
-                        t.set_u16(bag::HR_STOCK, 500 - (n % 400) as u16);
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-        })
-    };
+    // A dispense (counter) and a stock change (telemetry) every 15 ms; the status flips below.
+    let t = traffic_flipping(devs.clone(), Duration::from_millis(15), run.clone(), false);
     // FLOORGATE_LONG_FAULTS=1: hundreds of cycles.
     let cycles = if crate::faults::long() { 300 } else { 6 };
     for cycle in 0..cycles {
