@@ -421,6 +421,7 @@ async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer()
         "the fast device never went offline"
     );
     assert!(devs[0].requests() > 0);
+    assert_no_panic(&gw);
     stop.cancel();
 }
 
@@ -493,6 +494,7 @@ async fn silent_device_among(n: usize, poll: &str, window: Duration, share: f64)
     );
     let offline = gw.metric("floorgate_device_online{device=\"dead\"}").await;
     assert_eq!(offline, Some(0.0));
+    assert_no_panic(&gw);
     stop.cancel();
 }
 
@@ -598,5 +600,13 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
             "only the bad device's own values: {e}"
         );
     }
+    assert_no_panic(&gw);
     stop.cancel();
+}
+
+/// No task of the gateway panicked (a panicking bus task would otherwise only show up as a
+/// device that stays offline).
+fn assert_no_panic(gw: &Gateway) {
+    let log = gw.log();
+    assert!(!log.contains("panicked"), "a task panicked:\n{log}");
 }
