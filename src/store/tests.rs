@@ -835,6 +835,15 @@ fn interleave(
     (read, acked, i)
 }
 
+/// A store that packs into 600-byte blocks and leaves tombstones above `tombs_above`
+/// unacknowledged events (8 at most), so that the property tests meet both often.
+fn churning(dir: &std::path::Path, max_bytes: u64, tombs_above: u64) -> Store {
+    Store::open(dir, 1 << 20, max_bytes)
+        .expect("open")
+        .with_pack_bytes(600)
+        .with_tombstones(tombs_above, 8)
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
@@ -853,10 +862,7 @@ proptest::proptest! {
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (read, acked, total) = {
-            let s = Store::open(dir.path(), 1 << 20, 1 << 30)
-                .expect("open")
-                .with_pack_bytes(600)
-                .with_tombstones(tombs_above, 8);
+            let s = churning(dir.path(), 1 << 30, tombs_above);
             let (read, acked, total) = interleave(&s, &commits, read_every, &sizes, Some(&acks), reclaim);
             let left: Vec<u64> = read.iter().filter(|e| !acked.contains(*e)).map(|e| e.seq).collect();
             proptest::prop_assert_eq!(seqs(&s.read_from(0, usize::MAX).expect("read")), left, "every acknowledgement found its block");
@@ -898,10 +904,7 @@ proptest::proptest! {
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let s = Store::open(dir.path(), 1 << 20, 6 << 10)
-                .expect("open")
-                .with_pack_bytes(600)
-                .with_tombstones(tombs_above, 8);
+            let s = churning(dir.path(), 6 << 10, tombs_above);
             let acks = with_acks.then_some(&acks[..]);
             let (read, _, _) = interleave(&s, &commits, read_every, &sizes, acks, reclaim);
             let got: Vec<u64> = read.iter().map(|e| e.seq).collect();

@@ -119,6 +119,9 @@ pub struct Uplink {
     outbound: Option<Outbox>,
     birth: Vec<u8>,
     drain_timeout: Duration,
+    /// Fault injection for the watchdog test (`FLOORGATE_FAULT_HANG_UPLINK`): each session
+    /// stops making progress after CONNACK.
+    hang: bool,
 }
 
 impl Uplink {
@@ -140,6 +143,7 @@ impl Uplink {
             outbound: None,
             birth,
             drain_timeout: Duration::from_secs(5),
+            hang: std::env::var_os("FLOORGATE_FAULT_HANG_UPLINK").is_some(),
         }
     }
 
@@ -328,8 +332,7 @@ impl Uplink {
             _ = shutdown.cancelled() => return Ok(()),
             _ = beating() => {}
         }
-        if std::env::var_os("FLOORGATE_FAULT_HANG_UPLINK").is_some() {
-            // Fault injection for the watchdog test: the uplink stops making progress.
+        if self.hang {
             tracing::warn!("FLOORGATE_FAULT_HANG_UPLINK: the uplink hangs");
             shutdown.cancelled().await;
             return Ok(());
