@@ -266,14 +266,19 @@ fn proc_stat(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     let cpu_s = (ticks(11) + ticks(12)) / 100.0; // utime + stime, USER_HZ = 100
+    (cpu_s, status_mib(pid, "VmRSS:"))
+}
+
+/// A size field of `/proc/pid/status` (`VmRSS:`, `VmHWM:`, ...) in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status
+    let kib = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    (cpu_s, rss_kb / 1024.0)
+    kib / 1024.0
 }
 
 /// `floorgate run` polling 64 simulated devices at 1 s: CPU (% of a core) and RSS max (MiB) over
@@ -331,9 +336,9 @@ async fn floor_config(
 }
 
 /// `floorgate run` polling the 64 devices after a restart with `n` events buffered (committed
-/// [`SMALL_COMMIT`] at a time): seconds until the backlog is drained, CPU (% of a core) and RSS
-/// max (MiB) meanwhile.
-async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) {
+/// [`SMALL_COMMIT`] at a time): seconds until the backlog is drained, CPU (% of a core) and peak
+/// RSS (MiB, `VmHWM`) meanwhile, and RSS (MiB) 5 s later, while the devices are polled live.
+async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64, f64) {
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
     let (text, metrics_port) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
@@ -348,11 +353,9 @@ async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) 
     let mut child = run_daemon(dir.path(), &text);
     let (c0, _) = proc_stat(child.id());
     let t0 = Instant::now();
-    let mut rss_max: f64 = 0.0;
     let mut drained = f64::NAN;
     while t0.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        rss_max = rss_max.max(proc_stat(child.id()).1);
         // Live events keep coming: drained once fewer than a second's worth are stored.
         if metrics::scrape(metrics_port, "floorgate_store_events")
             .await
@@ -364,10 +367,14 @@ async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64) 
     }
     let (c1, _) = proc_stat(child.id());
     let cpu = (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    // The kernel's high-water mark: a peak between samples counts too.
+    let rss_max = status_mib(child.id(), "VmHWM:");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_after = proc_stat(child.id()).1;
     let _ = child.kill();
     let _ = child.wait();
     stop.cancel();
-    (drained, cpu, rss_max)
+    (drained, cpu, rss_max, rss_after)
 }
 
 /// The reference floor (8 bag dispensers, 4 cabinets on one RS485 line) at `baud`: measured poll
@@ -592,8 +599,8 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
         let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
         let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
         println!("  64 devices at 1 s: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
-        let (drain_s, cpu_d, rss_d) = drain_footprint(&pki, &broker, n).await;
-        println!("  the same after a restart with {n} events buffered: drained in {drain_s:.1} s, CPU {cpu_d:.0} %, RSS max {rss_d:.1} MiB");
+        let (drain_s, cpu_d, rss_d, rss_a) = drain_footprint(&pki, &broker, n).await;
+        println!("  the same after a restart with {n} events buffered: drained in {drain_s:.1} s, CPU {cpu_d:.0} %, RSS max {rss_d:.1} MiB, 5 s later {rss_a:.1} MiB");
     }
     if want("latency") {
         let (p50, p99) = latency(&pki, &broker).await;
@@ -679,8 +686,8 @@ async fn main() {
     let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
     let (cpu_b, rss_b) = footprint(&pki, &broker, fp_secs, true).await;
     println!("  the same while buffering (uplink unreachable): CPU {cpu_b:.2} % of a core, RSS max {rss_b:.1} MiB");
-    let (drain_s, cpu_d, rss_d) = drain_footprint(&pki, &broker, n).await;
-    println!("  the same after a restart with {n} events buffered ({SMALL_COMMIT} per commit): drained in {drain_s:.1} s, CPU {cpu_d:.0} % of a core, RSS max {rss_d:.1} MiB meanwhile");
+    let (drain_s, cpu_d, rss_d, rss_a) = drain_footprint(&pki, &broker, n).await;
+    println!("  the same after a restart with {n} events buffered ({SMALL_COMMIT} per commit): drained in {drain_s:.1} s, CPU {cpu_d:.0} % of a core, RSS max {rss_d:.1} MiB meanwhile, {rss_a:.1} MiB 5 s later");
     let bus9600 = bus_efficiency(9600).await;
     let bus19200 = bus_efficiency(19200).await;
     let (p50, p99) = latency(&pki, &broker).await;
@@ -718,7 +725,7 @@ async fn main() {
         "drain_rounds_cpu_us_per_event": drain_cpus,
         "footprint_64_devices": { "cpu_percent": cpu, "rss_max_mib": rss, "window_s": fp_secs },
         "footprint_64_devices_buffering": { "cpu_percent": cpu_b, "rss_max_mib": rss_b, "window_s": fp_secs },
-        "footprint_64_devices_draining": { "backlog_events": n, "events_per_commit": SMALL_COMMIT, "drained_s": drain_s, "cpu_percent": cpu_d, "rss_max_mib": rss_d },
+        "footprint_64_devices_draining": { "backlog_events": n, "events_per_commit": SMALL_COMMIT, "drained_s": drain_s, "cpu_percent": cpu_d, "rss_max_mib": rss_d, "rss_after_5s_mib": rss_a },
         "backlog_events": n,
         "bus_efficiency": [bus9600, bus19200],
         "latency_ms": { "p50": p50, "p99": p99 },

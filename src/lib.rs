@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod event;
+pub mod memory;
 pub mod metrics;
 pub mod remote;
 pub mod sim;

@@ -554,6 +554,9 @@ const RECLAIM_CHUNK: usize = 64;
 /// (64 KiB blocks): RSS while draining 33 MiB with 4 MiB waiting, 28-29 MiB with 1 MiB, at
 /// the same drain rate.
 const RECLAIM_DEFER_BYTES: u64 = 1 << 20;
+/// Bytes of blocks deleted since the allocator last gave its free memory back; once the session
+/// has caught up and nothing waits after more than this, it does ([`crate::memory::trim`]).
+const TRIM_AFTER_BYTES: u64 = 4 << 20;
 
 /// The events of PUBACKed publishes, gathered for one store operation.
 #[derive(Debug, Default)]
@@ -565,14 +568,17 @@ struct Acked {
 
 /// Deletes a chunk of acknowledged blocks; returns how many still wait, or 0 when the store does
 /// not take the delete now (a full disk): they wait for the next acknowledgement, marked.
-fn reclaim_some(store: &Store) -> usize {
-    match store.reclaim(RECLAIM_CHUNK) {
+fn reclaim_some(store: &Store, freed: &mut u64) -> usize {
+    let before = store.reclaimable_bytes();
+    let waiting = match store.reclaim(RECLAIM_CHUNK) {
         Ok(waiting) => waiting,
         Err(error) => {
             tracing::debug!(%error, "acknowledged blocks stay marked until the store takes the delete");
             0
         }
-    }
+    };
+    *freed += before.saturating_sub(store.reclaimable_bytes());
+    waiting
 }
 
 /// Records PUBACKed events in the store on a thread of its own, so that the session goes on
@@ -595,6 +601,8 @@ impl Acker {
         let rt = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             let mut waiting = store.reclaimable();
+            // Bytes of blocks deleted since the last trim.
+            let mut freed = 0u64;
             loop {
                 // While blocks wait, delete a chunk whenever the session is caught up and no
                 // acknowledgement is queued; otherwise look again every 100 ms.
@@ -602,7 +610,12 @@ impl Acker {
                     Ok(item) => Some(item),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                     Err(_) if waiting > 0 && caught_up.load(Ordering::SeqCst) => {
-                        waiting = reclaim_some(&store);
+                        waiting = reclaim_some(&store, &mut freed);
+                        // A drained backlog leaves the allocator's high-water mark behind.
+                        if waiting == 0 && freed > TRIM_AFTER_BYTES {
+                            crate::memory::trim();
+                            freed = 0;
+                        }
                         continue;
                     }
                     Err(_) if waiting > 0 => {
@@ -630,7 +643,7 @@ impl Acker {
                     && (waiting > RECLAIM_DEFER_MAX
                         || store.reclaimable_bytes() > RECLAIM_DEFER_BYTES)
                 {
-                    waiting = reclaim_some(&store);
+                    waiting = reclaim_some(&store, &mut freed);
                 }
             }
             Ok(())
