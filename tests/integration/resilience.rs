@@ -357,8 +357,38 @@ async fn broker_outage_buffers_and_then_delivers_everything_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer() {
+    late_reply_is_never_misattributed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_tcp_reply_after_a_timeout_is_never_taken_as_another_devices_answer() {
+    late_reply_is_never_misattributed(true).await;
+}
+
+/// Two bag dispensers on one line, RTU on a pseudo-terminal or Modbus TCP (`tcp`, both units
+/// behind one address, as behind a TCP/RTU gateway), with a 100 ms timeout; and the devices.
+async fn two_units(tcp: bool, stop: &CancellationToken) -> (String, Vec<Device>) {
+    if tcp {
+        let (addr, devs) = still_floor(2, 0)
+            .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+            .await
+            .unwrap();
+        let bus = tcp_bus("rs485", addr).replace(
+            "timeout = \"300ms\"",
+            "timeout = \"100ms\"\nretries = 0\nbackoff_max = \"2s\"",
+        );
+        (bus, devs)
+    } else {
+        let (pty, devs) = still_floor(2, 0).start_pty(stop.clone()).unwrap();
+        (rtu_bus("rs485", &pty, "100ms"), devs)
+    }
+}
+
+/// Unit 1 answers 60 ms after the gateway gave up on it, for a while: unit 2's values and unit
+/// 1's stay apart, unit 2 stays online.
+async fn late_reply_is_never_misattributed(tcp: bool) {
     let stop = CancellationToken::new();
-    let (pty, devs) = still_floor(2, 0).start_pty(stop.clone()).unwrap();
+    let (bus, devs) = two_units(tcp, &stop).await;
     devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 111));
     devs[1].bank().with(|t| t.set_u16(bag::HR_STOCK, 222));
     // Unit 1 answers 60 ms after the gateway gave up on it.
@@ -374,7 +404,7 @@ async fn a_late_reply_after_a_timeout_is_never_taken_as_another_devices_answer()
             &format!(
                 "{}{}{}{}",
                 uplink_for(&pki, &broker),
-                rtu_bus("rs485", &pty, "100ms"),
+                bus,
                 device("slow", "rs485", 1, "bag_dispenser", "50ms"),
                 device("fast", "rs485", 2, "bag_dispenser", "50ms")
             ),
@@ -500,8 +530,23 @@ async fn silent_device_among(n: usize, poll: &str, window: Duration, share: f64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
+    hostile_device_is_survived(false).await;
+}
+
+/// On Modbus TCP the frames are checked by TCP itself; what a device (or the TCP/RTU gateway in
+/// front of it) can still do wrong is to answer late, not at all, or with an exception.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_missing_and_exception_replies_over_tcp_are_survived() {
+    hostile_device_is_survived(true).await;
+}
+
+/// Unit 1 goes through four faults in turn (RTU: corrupt CRC, truncated frame, garbage before
+/// the reply, exception; TCP: a reply after the timeout, none, an exception, a reply later
+/// still), recovering after each: no value of either device is taken for the other's, unit 2
+/// never goes offline, no task panics.
+async fn hostile_device_is_survived(tcp: bool) {
     let stop = CancellationToken::new();
-    let (pty, devs) = still_floor(2, 0).start_pty(stop.clone()).unwrap();
+    let (bus, devs) = two_units(tcp, &stop).await;
     devs[0].bank().with(|t| t.set_u16(bag::HR_STOCK, 123));
     devs[1].bank().with(|t| t.set_u16(bag::HR_STOCK, 456));
     let pki = Pki::generate();
@@ -515,7 +560,7 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
             &format!(
                 "{}{}{}{}",
                 uplink_for(&pki, &broker),
-                rtu_bus("rs485", &pty, "100ms"),
+                bus,
                 device("bad", "rs485", 1, "bag_dispenser", "50ms"),
                 device("good", "rs485", 2, "bag_dispenser", "50ms")
             ),
@@ -532,14 +577,18 @@ async fn garbage_crc_errors_truncated_frames_and_exceptions_are_survived() {
         gw.log()
     );
     for fault in 0..4 {
-        devs[0].update_faults(|f| match fault {
-            0 => f.corrupt_crc = true,
-            1 => f.truncate = true,
-            2 => f.garbage_before = true,
+        devs[0].update_faults(|f| match (tcp, fault) {
+            (false, 0) => f.corrupt_crc = true,
+            (false, 1) => f.truncate = true,
+            (false, 2) => f.garbage_before = true,
+            (true, 0) => f.delay = Duration::from_millis(160),
+            (true, 1) => f.silent = true,
+            (true, 2) => f.delay = Duration::from_millis(1500),
             _ => f.exception = Some(4),
         });
         let ts = floorgate::event::now_ms();
-        if fault != 2 {
+        // Garbage before a good RTU reply is skipped: the device stays online.
+        if tcp || fault != 2 {
             assert!(
                 receive_until(&mut sub, &mut rx, Duration::from_secs(10), |rx| rx
                     .of("bad", "device")
