@@ -4,6 +4,7 @@
 use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus, two_bags};
 use crate::support::broker::{subscribe, Broker, Pki};
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
+use crate::support::notify::NotifySocket;
 use crate::support::proxy::Proxy;
 use crate::support::tmpfs::Tmpfs;
 use floorgate::sim::bag;
@@ -187,17 +188,14 @@ async fn a_hung_uplink_stops_the_watchdog_pings() {
 /// fault `env` injected: READY and watchdog pings first, then no ping once the faulty task
 /// stopped making progress.
 async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str), extra: &str) {
-    use std::os::unix::net::UnixDatagram;
     let stop = CancellationToken::new();
     let (tcp, _devs) = still_floor(1, 0)
         .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    let notify = NotifySocket::bind();
+    let (notify_key, notify_path) = notify.env();
     let text = config(
         "gw-wd",
         &dir.path().join("state"),
@@ -216,22 +214,17 @@ async fn hung_pipeline_stops_the_watchdog_pings(fault: (&str, &str), extra: &str
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
         .args(["run", "--config"])
         .arg(&path)
-        .env("NOTIFY_SOCKET", &sock_path)
+        .env(notify_key, notify_path)
         .env(fault.0, fault.1)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut msgs: Vec<(std::time::Instant, String)> = Vec::new();
     let t0 = std::time::Instant::now();
-    let mut buf = [0u8; 256];
     while t0.elapsed() < Duration::from_secs(25) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push((
-                std::time::Instant::now(),
-                String::from_utf8_lossy(&buf[..n]).to_string(),
-            ));
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        notify.messages();
     }
+    let msgs = notify.messages();
     let running = child.try_wait().ok().flatten().is_none();
     let _ = child.kill();
     let _ = child.wait();
@@ -539,8 +532,12 @@ struct DiskFloor {
     _pki: Pki,
     _broker: Broker,
     sub: crate::support::broker::Subscriber,
+    /// The retained `health` topic.
+    health: crate::support::broker::Subscriber,
     rx: Received,
     gw: Gateway,
+    /// What the gateway tells systemd.
+    notify: NotifySocket,
     run: Arc<std::sync::atomic::AtomicBool>,
     traffic: tokio::task::JoinHandle<()>,
 }
@@ -559,7 +556,8 @@ impl DiskFloor {
         let start: Vec<u64> = devs.iter().map(counter_of).collect();
         let pki = Pki::generate();
         let broker = Broker::start_tls(&pki);
-        let gw = Gateway::start(|_, metrics| {
+        let notify = NotifySocket::bind();
+        let gw = Gateway::start_with_env(vec![notify.env()], |_, metrics| {
             config(
                 "gw-disk",
                 disk.path(),
@@ -572,6 +570,7 @@ impl DiskFloor {
             )
         });
         let mut sub = subscribe(&broker, "floorgate/test/gw-disk/events").await;
+        let health = subscribe(&broker, "floorgate/test/gw-disk/health").await;
         let mut rx = Received::default();
         expect_state(&mut sub, &mut rx, "b2", &gw).await;
         let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -583,8 +582,10 @@ impl DiskFloor {
             _pki: pki,
             _broker: broker,
             sub,
+            health,
             rx,
             gw,
+            notify,
             run,
             traffic,
         };
@@ -596,8 +597,41 @@ impl DiskFloor {
         receive_until(&mut self.sub, &mut self.rx, within, done).await
     }
 
-    /// The floor says that the store does not take writes: metrics, log, `floorgate status`.
-    async fn assert_unwritable(&self, log: &str, status: &str) {
+    /// The next `health` message that satisfies `ok` (at most 10 s).
+    async fn health(
+        &mut self,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let (_, payload, _) = self.health.next(left).await?;
+            let h: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+            if ok(&h) {
+                return Some(h);
+            }
+        }
+        None
+    }
+
+    /// The floor says that the store takes writes again: systemd's status and the `health`
+    /// message.
+    async fn assert_writable_again(&mut self) {
+        let running = self
+            .notify
+            .wait_for(Duration::from_secs(10), |m| m == "STATUS=running")
+            .await;
+        assert!(running.is_some(), "{:?}", self.notify.messages());
+        let health = self.health(|h| h["store"]["writable"] == true).await;
+        assert!(
+            health.is_some_and(|h| h["store"]["held_events"] == 0),
+            "the health message says the store is writable again"
+        );
+    }
+
+    /// The floor says that the store does not take writes: metrics, log (`log`), `floorgate
+    /// status` and systemd's status line (both with `status`), and the retained `health`
+    /// message (with the error `cause`, and whether the gateway will restart).
+    async fn assert_unwritable(&mut self, log: &str, status: &str, cause: &str, restart: bool) {
         let gw = &self.gw;
         let failing = gw
             .wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
@@ -616,6 +650,28 @@ impl DiskFloor {
         assert!(
             out.contains("NOT WRITABLE") && out.contains(status),
             "{out}"
+        );
+        let systemd = self
+            .notify
+            .wait_for(Duration::from_secs(10), |m| {
+                m.starts_with("STATUS=store not writable")
+            })
+            .await;
+        assert!(
+            systemd.as_deref().is_some_and(|m| m.contains(status)),
+            "systemd's status line says so: {:?}",
+            self.notify.messages()
+        );
+        let health = self.health(|h| h["store"]["writable"] == false).await;
+        assert!(
+            health.as_ref().is_some_and(|h| h["store"]["held_events"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+                && h["store"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(cause))
+                && h["store"]["needs_restart"] == restart),
+            "the health message says so: {health:?}"
         );
     }
 
@@ -664,7 +720,8 @@ async fn a_full_disk_is_reported_and_once_there_is_room_every_increment_and_tran
     let mut f = DiskFloor::start(&disk, "").await;
     // Less room than store.min_free (8 MiB by default): the store stops writing.
     disk.fill(2 << 20);
-    f.assert_unwritable("store not writable", "disk full").await;
+    f.assert_unwritable("store not writable", "disk full", "disk full", false)
+        .await;
     f.receive(Duration::from_secs(1), |_| false).await;
     disk.drain();
     let writable =
@@ -677,6 +734,7 @@ async fn a_full_disk_is_reported_and_once_there_is_room_every_increment_and_tran
         f.gw.wait_log("store writable again", Duration::from_secs(2))
             .await
     );
+    f.assert_writable_again().await;
     f.receive(Duration::from_secs(1), |_| false).await;
     f.assert_everything_arrives().await;
     // The gateway kept running: each traffic step's status change is a transition.
@@ -697,8 +755,13 @@ async fn a_write_sled_fails_is_reported_then_a_restart_delivers_every_increment(
     // No free-space check: sled itself meets the full disk (ENOSPC).
     let mut f = DiskFloor::start(&disk, "min_free = \"0B\"").await;
     disk.fill(0);
-    f.assert_unwritable("store write failed", "restarting once")
-        .await;
+    f.assert_unwritable(
+        "store write failed",
+        "restarting once",
+        "No space left on device",
+        true,
+    )
+    .await;
     f.receive(Duration::from_secs(1), |_| false).await;
     disk.drain();
     let exit = f.gw.wait_exit(Duration::from_secs(15)).await;

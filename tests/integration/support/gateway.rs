@@ -50,11 +50,22 @@ pub struct Gateway {
     pub log_path: PathBuf,
     pub metrics_port: u16,
     child: Option<Child>,
+    /// Extra environment of every spawn.
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Gateway {
     /// Writes the configuration built by `make(state_dir, metrics_port)` and starts the daemon.
     pub fn start(make: impl FnOnce(&Path, u16) -> String) -> Gateway {
+        Gateway::start_with_env(Vec::new(), make)
+    }
+
+    /// Like [`Gateway::start`], with `env` added to the daemon's environment (also when it is
+    /// spawned again).
+    pub fn start_with_env(
+        env: Vec<(String, std::ffi::OsString)>,
+        make: impl FnOnce(&Path, u16) -> String,
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics_port = free_port();
         let text = make(&dir.path().join("state"), metrics_port);
@@ -67,6 +78,7 @@ impl Gateway {
             log_path,
             metrics_port,
             child: None,
+            env,
         };
         g.spawn();
         g
@@ -84,6 +96,7 @@ impl Gateway {
             .arg(&self.config_path)
             .env("FLOORGATE_LOG", "floorgate=debug,info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

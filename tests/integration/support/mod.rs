@@ -1,10 +1,11 @@
 //! Test support: a real mosquitto with generated certificates, the daemon as a child process,
-//! a cuttable TCP proxy and a tmpfs that can be filled.
+//! a cuttable TCP proxy, a tmpfs that can be filled and a systemd-like notify socket.
 #![allow(dead_code)]
 
 pub mod broker;
 pub mod gateway;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod tmpfs;
 
