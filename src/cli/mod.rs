@@ -115,22 +115,9 @@ fn init_logging(format: Option<&str>, default_level: &str) {
     };
 }
 
-/// Two malloc arenas instead of glibc's default of eight per core. Every thread that allocates
-/// under contention gets an arena of its own, and memory freed in one is not reused by another.
-/// While a backlog drains (store reader, acker, sled's I/O threads, the runtime), RSS measured
-/// 62–75 MiB with the default (5 runs, median 70) and 42–77 MiB with two arenas (12 runs,
-/// median 55), at the same drain time: a spread wider than the effect, but a lower middle.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of the allocator; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> i32 {
-    limit_malloc_arenas();
+    crate::memory::limit_arenas();
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Demo(_));
     init_logging(
