@@ -1697,7 +1697,16 @@ impl Store {
     pub fn reclaim(&self, max: usize) -> Result<usize, StoreError> {
         let mut meta = lock(&self.meta);
         self.reclaim_locked(&mut meta, max)?;
-        Ok(meta.complete.len())
+        let waiting = meta.complete.len();
+        drop(meta);
+        // sled frees a leaf it replaced through crossbeam-epoch, which first collects up to 64
+        // such frees in the replacing thread's own bag; a replaced leaf still holds the blocks
+        // just deleted (up to a megabyte each). Handing the bag to the global collector now lets
+        // them go within a few epochs instead of whenever the bag fills: peak RSS while a
+        // restarted 1 M backlog drains measured 21–29 MiB (median 23.4, 14 runs) instead of
+        // 23–31 (median 29.9, 5 runs).
+        crossbeam_epoch::pin().flush();
+        Ok(waiting)
     }
 
     fn reclaim_locked(&self, meta: &mut Meta, max: usize) -> Result<(), StoreError> {
