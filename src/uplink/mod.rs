@@ -567,7 +567,8 @@ struct Acked {
 }
 
 /// Deletes a chunk of acknowledged blocks; returns how many still wait, or 0 when the store does
-/// not take the delete now (a full disk): they wait for the next acknowledgement, marked.
+/// not take the delete now (a full disk): they wait for the next acknowledgement, marked. Adds
+/// the bytes deleted to `freed`.
 fn reclaim_some(store: &Store, freed: &mut u64) -> usize {
     let before = store.reclaimable_bytes();
     let waiting = match store.reclaim(RECLAIM_CHUNK) {
