@@ -26,21 +26,26 @@ pub fn limit_arenas() {
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let before = resident_kib();
+        // Two reads of /proc only when they are logged.
+        let logged = tracing::enabled!(tracing::Level::DEBUG);
+        let before = if logged { resident_kib() } else { 0 };
         // SAFETY: malloc_trim only walks and releases the allocator's own free lists.
         unsafe {
             libc::malloc_trim(0);
         }
-        tracing::debug!(
-            before_kib = before,
-            after_kib = resident_kib(),
-            "gave free memory back"
-        );
+        if logged {
+            tracing::debug!(
+                before_kib = before,
+                after_kib = resident_kib(),
+                "gave free memory back"
+            );
+        }
     }
 }
 
 /// The process's resident set in KiB, from `/proc/self/status` (0 where unknown).
-pub fn resident_kib() -> u64 {
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn resident_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
