@@ -12,8 +12,9 @@
 //! Results are printed and written to `target/bench/pipeline.json`.
 //! `FLOORGATE_BENCH_EVENTS` overrides the backlog size, `FLOORGATE_BENCH_FOOTPRINT_SECS` the (60 s)
 //! footprint window. `FLOORGATE_BENCH_ONLY=bus,drain` runs only the named parts (poll, store,
-//! drain, footprint, bus, latency) and prints them without writing the JSON file; there
-//! `FLOORGATE_BENCH_ROUNDS` sets the drain rounds, `FLOORGATE_BENCH_FILL_BATCH` the events per
+//! drain, footprint, draining, bus, latency) and prints them without writing the JSON file; there
+//! `FLOORGATE_BENCH_ROUNDS` sets the drain rounds (and those of `draining`: only the footprint
+//! of `floorgate run` draining a stored backlog), `FLOORGATE_BENCH_FILL_BATCH` the events per
 //! commit of the backlog (default 1000) and `FLOORGATE_BENCH_REOPEN=1` reopens the store before
 //! each drain.
 #![allow(
@@ -40,6 +41,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -335,21 +337,14 @@ async fn floor_config(
     (text, metrics)
 }
 
-/// `floorgate run` polling the 64 devices after a restart with `n` events buffered (committed
-/// [`SMALL_COMMIT`] at a time): seconds until the backlog is drained, CPU (% of a core) and peak
+/// `floorgate run` polling the 64 devices after a restart with a copy of the store `backlog`
+/// ([`stored_backlog`]) as its state: seconds until the backlog is drained, CPU (% of a core) and peak
 /// RSS (MiB, `VmHWM`) meanwhile, and RSS (MiB) 5 s later, while the devices are polled live.
-async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64, f64) {
+async fn drain_footprint(pki: &Pki, broker: &Broker, backlog: &Path) -> (f64, f64, f64, f64) {
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
     let (text, metrics_port) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
-    let state = dir.path().join("state");
-    {
-        let store = Store::open(&state, 4 << 20, 4 << 30).unwrap();
-        fill(&store, n, SMALL_COMMIT);
-    }
-    // The daemon opens the store once sled's I/O threads let go of it.
-    drop(reopen(&state).0);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    copy_dir(backlog, &dir.path().join("state"));
     let mut child = run_daemon(dir.path(), &text);
     let (c0, _) = proc_stat(child.id());
     let t0 = Instant::now();
@@ -375,6 +370,33 @@ async fn drain_footprint(pki: &Pki, broker: &Broker, n: u64) -> (f64, f64, f64, 
     let _ = child.wait();
     stop.cancel();
     (drained, cpu, rss_max, rss_after)
+}
+
+/// A store holding `n` events committed [`SMALL_COMMIT`] at a time, closed again.
+fn stored_backlog(n: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 4 << 20, 4 << 30).unwrap();
+        fill(&store, n, SMALL_COMMIT);
+    }
+    // sled's I/O threads let go of the directory a moment after the store is dropped.
+    drop(reopen(dir.path()).0);
+    std::thread::sleep(Duration::from_millis(500));
+    dir
+}
+
+/// Copies the files of directory `from` (recursively) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
 
 /// The reference floor (8 bag dispensers, 4 cabinets on one RS485 line) at `baud`: measured poll
@@ -599,8 +621,20 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
         let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
         let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
         println!("  64 devices at 1 s: CPU {cpu:.2} % of a core, RSS max {rss:.1} MiB");
-        let (drain_s, cpu_d, rss_d, rss_a) = drain_footprint(&pki, &broker, n).await;
-        println!("  the same after a restart with {n} events buffered: drained in {drain_s:.1} s, CPU {cpu_d:.0} %, RSS max {rss_d:.1} MiB, 5 s later {rss_a:.1} MiB");
+    }
+    if want("footprint") || want("draining") {
+        // `draining` alone: only this, FLOORGATE_BENCH_ROUNDS times from one stored backlog.
+        let backlog = stored_backlog(n);
+        let rounds = if want("footprint") {
+            1
+        } else {
+            env_num("FLOORGATE_BENCH_ROUNDS", 3)
+        };
+        for _ in 0..rounds {
+            let (drain_s, cpu_d, rss_d, rss_a) =
+                drain_footprint(&pki, &broker, backlog.path()).await;
+            println!("  the same after a restart with {n} events buffered: drained in {drain_s:.1} s, CPU {cpu_d:.0} %, RSS max {rss_d:.1} MiB, 5 s later {rss_a:.1} MiB");
+        }
     }
     if want("latency") {
         let (p50, p99) = latency(&pki, &broker).await;
@@ -608,8 +642,18 @@ async fn partial(want: &dyn Fn(&str) -> bool, n: u64) {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // The allocator settings of `floorgate run`, so that the in-process drain measures the same.
+    floorgate::memory::tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn run() {
     let n = env_num("FLOORGATE_BENCH_EVENTS", 1_000_000);
     let fp_secs = env_num("FLOORGATE_BENCH_FOOTPRINT_SECS", 60);
     println!("floorgate pipeline benchmark ({n} events backlog)");
@@ -686,7 +730,9 @@ async fn main() {
     let (cpu, rss) = footprint(&pki, &broker, fp_secs, false).await;
     let (cpu_b, rss_b) = footprint(&pki, &broker, fp_secs, true).await;
     println!("  the same while buffering (uplink unreachable): CPU {cpu_b:.2} % of a core, RSS max {rss_b:.1} MiB");
-    let (drain_s, cpu_d, rss_d, rss_a) = drain_footprint(&pki, &broker, n).await;
+    let backlog = stored_backlog(n);
+    let (drain_s, cpu_d, rss_d, rss_a) = drain_footprint(&pki, &broker, backlog.path()).await;
+    drop(backlog);
     println!("  the same after a restart with {n} events buffered ({SMALL_COMMIT} per commit): drained in {drain_s:.1} s, CPU {cpu_d:.0} % of a core, RSS max {rss_d:.1} MiB meanwhile, {rss_a:.1} MiB 5 s later");
     let bus9600 = bus_efficiency(9600).await;
     let bus19200 = bus_efficiency(19200).await;

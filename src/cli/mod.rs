@@ -117,7 +117,7 @@ fn init_logging(format: Option<&str>, default_level: &str) {
 
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> i32 {
-    crate::memory::limit_arenas();
+    crate::memory::tune_allocator();
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Demo(_));
     init_logging(
