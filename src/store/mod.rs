@@ -1725,7 +1725,7 @@ impl Store {
     /// ([`Store::reclaim_waiting`]). Not flushed: a crash before the next flush leaves them
     /// marked, and they are deleted after the restart. While more than 10,000 events wait
     /// unacknowledged the blocks leave tombstones (see the module documentation); otherwise up
-    /// to [`SWEEP_CHUNK`] of the tombstones known are swept in the same batch.
+    /// to 256 of the tombstones known are swept in the same batch (`SWEEP_CHUNK`).
     pub fn reclaim(&self, max: usize) -> Result<usize, StoreError> {
         let mut meta = lock(&self.meta);
         self.reclaim_locked(&mut meta, max)?;
