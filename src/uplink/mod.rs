@@ -552,10 +552,9 @@ const RECLAIM_CHUNK: usize = 64;
 /// nodes larger than 128 KiB (stored as files of their own) against its cache, so what waits
 /// here is resident: the bound is in bytes, not only in blocks. Measured with a 1 M backlog
 /// (64 KiB blocks): RSS while draining 33 MiB with 4 MiB waiting, 28-29 MiB with 1 MiB, at
-/// the same drain rate; later (one malloc arena, [`READ_PUBLISHES`] 16) a peak of 18.9 MiB
-/// (18.8–19.4, 5 runs) with 512 KiB against 19.6 (19.4–20.1) with 1 MiB, the drain still
-/// at 0.86–0.94 of the plain publisher.
-const RECLAIM_DEFER_BYTES: u64 = 512 << 10;
+/// the same drain rate. 512 KiB saved another 0.7 MiB of peak but cost 0.02–0.03 µs of drain
+/// CPU per event (twice the delete transactions).
+const RECLAIM_DEFER_BYTES: u64 = 1 << 20;
 /// Bytes of blocks deleted since the allocator last gave its free memory back; once the session
 /// has caught up and nothing waits after more than this, it does ([`crate::memory::trim`]).
 const TRIM_AFTER_BYTES: u64 = 4 << 20;
@@ -742,9 +741,10 @@ async fn beating() {
 
 /// Publishes framed per read of a backlog: the prefetch thread wakes once per read, and the
 /// session once per hand-over. What is read ahead holds its payloads and keeps the sled leaves
-/// it came from in memory: with one malloc arena, peak RSS while a restarted 1 M backlog
-/// drained was 19.6 MiB (19.4–20.1, 5 runs) with 16 against 21.1 (20.7–21.3) with 32; with 8
-/// the drain fell below 0.8 of the plain publisher.
+/// it came from in memory. Peak RSS while a restarted 1 M backlog drained (one malloc arena,
+/// the next read waiting for room in the channel): 18.6 MiB (17.9–18.9, 5 runs) with 16
+/// against 19.7 (19.4–20.6) with 32; drain CPU 0.30 against 0.28 µs per event. With 8 the
+/// drain fell below 0.8 of the plain publisher.
 const READ_PUBLISHES: usize = 16;
 
 /// The next publishes from `reader`: live traffic (fewer than 8 events waiting) one event per
@@ -796,7 +796,8 @@ fn frame(
 /// The prefetch task of a session: reads the store from the oldest unacknowledged seq (a
 /// fresh [`Reader`] per session, so everything unacknowledged is sent again) and frames
 /// payloads ahead of the session: besides the publishes the session took, one read of up to
-/// [`READ_PUBLISHES`] waits in `ready`, one in the channel and one framed waiting to be sent.
+/// [`READ_PUBLISHES`] waits in `ready` and one in the channel; the next is read once the
+/// channel has room.
 struct Prefetch {
     /// The publishes of one read at a time (see [`READ_PUBLISHES`]).
     rx: mpsc::Receiver<Result<Vec<Prepared>, UplinkError>>,
@@ -822,16 +823,22 @@ impl Prefetch {
         let rt = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             let mut reader = Reader::new(0);
-            while !tx.is_closed() {
+            loop {
+                // Room in the channel first: a read framed ahead of it would hold its payloads
+                // and leaves while it waits.
+                let Ok(permit) = rt.block_on(tx.reserve()) else {
+                    return;
+                };
                 flag.store(false, Ordering::SeqCst);
                 let prepared = match frame(&store, &mut reader, &empty, max_batch) {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
+                        permit.send(Err(e.into()));
                         return;
                     }
                 };
                 if prepared.is_empty() {
+                    drop(permit);
                     flag.store(true, Ordering::SeqCst);
                     // A commit stores a wake-up even when nobody waits yet; the timeout is a
                     // safety net only (and how a closed session is noticed while idle).
@@ -847,9 +854,7 @@ impl Prefetch {
                     });
                     continue;
                 }
-                if tx.blocking_send(Ok(prepared)).is_err() {
-                    return;
-                }
+                permit.send(Ok(prepared));
             }
         });
         Prefetch {
