@@ -3,11 +3,13 @@
 
 use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus, two_bags};
 use crate::support::broker::{subscribe, Broker, Pki};
+use crate::support::ext4::Ext4;
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
 use crate::support::notify::NotifySocket;
 use crate::support::proxy::Proxy;
 use crate::support::tmpfs::Tmpfs;
 use floorgate::sim::bag;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -543,7 +545,7 @@ struct DiskFloor {
 }
 
 impl DiskFloor {
-    async fn start(disk: &Tmpfs, store: &str) -> DiskFloor {
+    async fn start(disk: &Path, store: &str) -> DiskFloor {
         use crate::resilience::{counter_of, traffic};
         let stop = CancellationToken::new();
         let (tcp, devs) = still_floor(2, 0)
@@ -560,7 +562,7 @@ impl DiskFloor {
         let gw = Gateway::start_with_env(vec![notify.env()], |_, metrics| {
             config(
                 "gw-disk",
-                disk.path(),
+                disk,
                 metrics,
                 &two_bags(&uplink_tls(&pki, broker.port), tcp),
             )
@@ -717,7 +719,7 @@ impl Drop for DiskFloor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_reported_and_once_there_is_room_every_increment_and_transition_arrives() {
     let Some(disk) = small_disk() else { return };
-    let mut f = DiskFloor::start(&disk, "").await;
+    let mut f = DiskFloor::start(disk.path(), "").await;
     // Less room than store.min_free (8 MiB by default): the store stops writing.
     disk.fill(2 << 20);
     f.assert_unwritable("store not writable", "disk full", "disk full", false)
@@ -753,7 +755,7 @@ async fn a_full_disk_is_reported_and_once_there_is_room_every_increment_and_tran
 async fn a_write_sled_fails_is_reported_then_a_restart_delivers_every_increment() {
     let Some(disk) = small_disk() else { return };
     // No free-space check: sled itself meets the full disk (ENOSPC).
-    let mut f = DiskFloor::start(&disk, "min_free = \"0B\"").await;
+    let mut f = DiskFloor::start(disk.path(), "min_free = \"0B\"").await;
     disk.fill(0);
     f.assert_unwritable(
         "store write failed",
@@ -782,4 +784,53 @@ async fn a_write_sled_fails_is_reported_then_a_restart_delivers_every_increment(
     let last = f.statuses("b1").last().copied();
     let now = f.devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64;
     assert_eq!(last, Some(now), "the last status arrives");
+}
+
+/// A small ext4 file system to turn unwritable, or None (and a note) where that is not possible.
+fn failing_disk() -> Option<Ext4> {
+    match Ext4::mount(64) {
+        Ok(disk) => Some(disk),
+        Err(error) => {
+            eprintln!("skipped: needs root, loop devices and e2fsprogs ({error})");
+            None
+        }
+    }
+}
+
+/// The state directory's file system turns unwritable under the running gateway: ext4 records
+/// an error and takes no more writes, through files already open too (what an I/O error on the
+/// box's flash does with `errors=remount-ro`). The gateway says so, keeps polling, and once a
+/// checked copy of the file system is mounted in its place, exits for systemd; the restart
+/// delivers every increment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_the_kernel_makes_unwritable_is_reported_then_a_restart_delivers_every_increment(
+) {
+    let Some(mut disk) = failing_disk() else {
+        return;
+    };
+    let mut f = DiskFloor::start(disk.path(), "").await;
+    disk.fail();
+    f.assert_unwritable(
+        "store write failed",
+        "restarting once",
+        "Read-only file system",
+        true,
+    )
+    .await;
+    f.receive(Duration::from_secs(1), |_| false).await;
+    disk.replace();
+    let exit = f.gw.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
+        "exits for systemd to restart it: {exit:?}\n{}",
+        f.gw.log()
+    );
+    f.gw.spawn(); // what systemd's Restart=on-failure does
+    let writable =
+        f.gw.wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
+            v == 0.0
+        })
+        .await;
+    assert!(writable.is_some(), "{}", f.gw.log());
+    f.assert_everything_arrives().await;
 }

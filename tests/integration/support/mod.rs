@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod ext4;
 pub mod gateway;
 pub mod metrics;
 pub mod notify;
