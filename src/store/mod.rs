@@ -893,12 +893,21 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
+        // An I/O error opening the store names the directory (read-only, permissions).
+        let in_dir = |e: sled::Error| match e {
+            sled::Error::Io(source) => StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            },
+            other => StoreError::Sled(other),
+        };
         let db = sled::Config::new()
             .path(dir.join("store"))
             .cache_capacity(cache_bytes)
             .flush_every_ms(None)
             .mode(sled::Mode::LowSpace)
-            .open()?;
+            .open()
+            .map_err(in_dir)?;
         let tree = db.open_tree("floorgate")?;
         let sled = Sled {
             records: tree.clone(),

@@ -834,3 +834,45 @@ async fn a_state_directory_the_kernel_makes_unwritable_is_reported_then_a_restar
     assert!(writable.is_some(), "{}", f.gw.log());
     f.assert_everything_arrives().await;
 }
+
+/// The state directory is on a file system mounted read-only when the gateway starts: it exits
+/// non-zero at once and says which directory and why (systemd's `Restart=on-failure` tries
+/// again); once the file system is writable, the next start runs and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_directory_at_start_is_refused_by_name_and_the_start_after_a_remount_runs(
+) {
+    let Some(disk) = small_disk() else { return };
+    disk.remount(true);
+    let stop = CancellationToken::new();
+    let (tcp, _devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let mut gw = Gateway::start(|_, metrics| {
+        config(
+            "gw-ro",
+            disk.path(),
+            metrics,
+            &two_bags(&uplink_tls(&pki, broker.port), tcp),
+        )
+    });
+    let exit = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
+        "exits for systemd to try again: {exit:?}\n{}",
+        gw.log()
+    );
+    let said = format!(
+        "store directory {}: Read-only file system",
+        disk.path().display()
+    );
+    assert!(gw.log().contains(&said), "{}", gw.log());
+    disk.remount(false);
+    gw.spawn();
+    let mut sub = subscribe(&broker, "floorgate/test/gw-ro/events").await;
+    let mut rx = Received::default();
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
+    stop.cancel();
+}

@@ -57,6 +57,23 @@ impl Tmpfs {
         f.set_len(n.saturating_sub(leave)).expect("shrink ballast");
     }
 
+    /// Mounts it again read-only (`true`) or writable; read-only works only while no process
+    /// has a file open for writing there.
+    pub fn remount(&self, read_only: bool) {
+        let flags = libc::MS_REMOUNT | if read_only { libc::MS_RDONLY } else { 0 };
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                self.target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "remount: {}", std::io::Error::last_os_error());
+    }
+
     /// Removes the ballast: the space is free again.
     pub fn drain(&self) {
         std::fs::remove_file(self.ballast()).expect("remove ballast");
