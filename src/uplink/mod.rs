@@ -444,7 +444,19 @@ impl Uplink {
                     draining = Some(Instant::now() + self.drain_timeout);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)), if draining.is_some() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // A broker can keep answering pings and stop acknowledging publishes: a
+                    // publish may wait twice the keep-alive interval for its PUBACK.
+                    let oldest = inflight.values().map(|(_, at)| at.elapsed()).max();
+                    let limit = self.cfg.keep_alive * 2;
+                    if let Some(age) = oldest.filter(|age| *age > limit && draining.is_none()) {
+                        return Err(UplinkError::Session(format!(
+                            "no PUBACK for {} (limit {}, twice uplink.keep_alive): reconnecting; the events stay stored",
+                            humantime::format_duration(Duration::from_secs(age.as_secs())),
+                            humantime::format_duration(limit)
+                        )));
+                    }
+                }
             }
         }
         // Graceful stop: say so (the will is only for unexpected loss), then disconnect.

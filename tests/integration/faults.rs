@@ -339,6 +339,80 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
     stop.cancel();
 }
 
+/// A broker that keeps answering pings but stops acknowledging publishes (a proxy drops its
+/// PUBACKs): the gateway gives the session up after twice `keep_alive` without a PUBACK,
+/// reconnects, and once PUBACKs come again every increment arrives, no seq reused or missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_answers_pings_but_acknowledges_nothing_is_left_and_nothing_is_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(2, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let start: Vec<u64> = devs.iter().map(crate::resilience::counter_of).collect();
+    let broker = Broker::start_plain();
+    let proxy = Proxy::start_mqtt(([127, 0, 0, 1], broker.port).into()).await;
+    let mut sub = subscribe(&broker, "floorgate/test/gw-noack/events").await;
+    let uplink = format!(
+        "[uplink]\nurl = \"mqtt://127.0.0.1:{}\"\nallow_plaintext = true\nkeep_alive = \"5s\"\nmax_batch = 50\nreconnect_max = \"2s\"\n",
+        proxy.port
+    );
+    let gw = Gateway::start(|state, metrics| {
+        config("gw-noack", state, metrics, &two_bags(&uplink, tcp))
+    });
+    let mut rx = Received::default();
+    expect_state(&mut sub, &mut rx, "b2", &gw).await;
+    let run = Arc::new(AtomicBool::new(true));
+    let traffic = crate::resilience::traffic(devs.clone(), Duration::from_millis(50), run.clone());
+    let before = proxy.connections();
+    proxy.drop_pubacks(true);
+    // The broker still routes what it is sent; the gateway must not count that as delivered.
+    assert!(
+        gw.wait_log("no PUBACK for", Duration::from_secs(20)).await,
+        "the session is given up\n{}",
+        gw.log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while proxy.connections() == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        proxy.connections() > before,
+        "the gateway connected again\n{}",
+        gw.log()
+    );
+    proxy.drop_pubacks(false);
+    receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
+    run.store(false, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let names = ["b1", "b2"];
+    let done = crate::resilience::receive_all_increments(
+        &mut sub,
+        &mut rx,
+        &names,
+        &devs,
+        &start,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(done, "everything delivered\n{}", gw.log());
+    crate::resilience::assert_counters_complete(&rx, &names, &devs, &start);
+    rx.assert_seq_identity();
+    rx.assert_per_device_order();
+    rx.assert_no_seq_hole();
+    let stored = gw
+        .wait_metric("floorgate_store_events", Duration::from_secs(10), |v| {
+            v == 0.0
+        })
+        .await;
+    assert!(
+        stored.is_some(),
+        "acknowledged at last: nothing stays stored"
+    );
+    stop.cancel();
+}
+
 /// A small tmpfs to fill, or None (and a note) on a machine where mounting is not permitted.
 fn small_disk() -> Option<Tmpfs> {
     match Tmpfs::mount(32) {

@@ -1,6 +1,7 @@
 //! A TCP proxy between the gateway and the broker that a test can cut, restore, slow down and
 //! stall, to simulate network faults without restarting the broker (subscribers keep their
-//! sessions).
+//! sessions). In front of a plaintext broker ([`Proxy::start_mqtt`]) it can also drop the
+//! broker's PUBACKs while everything else (CONNACK, PINGRESP) passes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +15,9 @@ use tokio::sync::watch;
 struct Knobs {
     delay_ms: AtomicU64,
     stalled: AtomicBool,
+    /// Plaintext MQTT: the broker's side is forwarded packet by packet.
+    mqtt: AtomicBool,
+    drop_pubacks: AtomicBool,
     connections: AtomicU64,
     attempts: AtomicU64,
 }
@@ -50,7 +54,63 @@ async fn pump(
     }
 }
 
+/// The broker's side of a plaintext MQTT connection, packet by packet: PUBACKs are dropped while
+/// `drop_pubacks` is set.
+async fn pump_mqtt(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    knobs: Arc<Knobs>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Whole packets: a fixed header byte, the remaining length (1-4 bytes, 7 bits each).
+        while let Some(len) = packet_len(&pending) {
+            let packet: Vec<u8> = pending.drain(..len).collect();
+            let puback = packet[0] >> 4 == 4;
+            if puback && knobs.drop_pubacks.load(Ordering::Relaxed) {
+                continue;
+            }
+            if to.write_all(&packet).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The length of the first whole MQTT packet in `b`, if it is complete.
+fn packet_len(b: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let byte = *b.get(1 + i)?;
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let len = 2 + i + remaining;
+            return (b.len() >= len).then_some(len);
+        }
+    }
+    None
+}
+
 impl Proxy {
+    /// Forwards 127.0.0.1:<free port> to the plaintext MQTT broker at `target`, able to drop
+    /// its PUBACKs ([`Proxy::drop_pubacks`]).
+    pub async fn start_mqtt(target: SocketAddr) -> Proxy {
+        let proxy = Proxy::start(target).await;
+        proxy.knobs.mqtt.store(true, Ordering::Relaxed);
+        proxy
+    }
+
+    /// Drops the broker's PUBACKs (`true`) or forwards them again.
+    pub fn drop_pubacks(&self, on: bool) {
+        self.knobs.drop_pubacks.store(on, Ordering::Relaxed);
+    }
+
     /// Forwards 127.0.0.1:<free port> to `target`.
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
@@ -80,9 +140,16 @@ impl Proxy {
                     };
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
+                    let back = async {
+                        if k.mqtt.load(Ordering::Relaxed) {
+                            pump_mqtt(ro, wi, k.clone()).await;
+                        } else {
+                            pump(ro, wi, k.clone()).await;
+                        }
+                    };
                     tokio::select! {
                         _ = pump(ri, wo, k.clone()) => {}
-                        _ = pump(ro, wi, k) => {}
+                        _ = back => {}
                         _ = rx.wait_for(|down| *down) => {}
                     }
                 });
