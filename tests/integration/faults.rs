@@ -751,6 +751,29 @@ impl DiskFloor {
         );
     }
 
+    /// After a second more of traffic, `fix` makes the state directory writable again: the
+    /// gateway exits for systemd to restart it (non-zero, not a configuration error), and once
+    /// spawned again its store takes writes.
+    async fn restarts_once(&mut self, fix: impl FnOnce()) {
+        self.receive(Duration::from_secs(1), |_| false).await;
+        fix();
+        let exit = self.gw.wait_exit(Duration::from_secs(15)).await;
+        assert!(
+            exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
+            "exits for systemd to restart it: {exit:?}\n{}",
+            self.gw.log()
+        );
+        assert!(self.gw.log().contains("exiting to be restarted"));
+        self.gw.spawn(); // what systemd's Restart=on-failure does
+        let writable = self
+            .gw
+            .wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
+                v == 0.0
+            })
+            .await;
+        assert!(writable.is_some(), "{}", self.gw.log());
+    }
+
     /// Stops the traffic; every increment arrives once, in order per device, no seq reused or
     /// missing.
     async fn assert_everything_arrives(&mut self) {
@@ -838,22 +861,7 @@ async fn a_write_sled_fails_is_reported_then_a_restart_delivers_every_increment(
         true,
     )
     .await;
-    f.receive(Duration::from_secs(1), |_| false).await;
-    disk.drain();
-    let exit = f.gw.wait_exit(Duration::from_secs(15)).await;
-    assert!(
-        exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
-        "exits for systemd to restart it: {exit:?}\n{}",
-        f.gw.log()
-    );
-    assert!(f.gw.log().contains("exiting to be restarted"));
-    f.gw.spawn(); // what systemd's Restart=on-failure does
-    let writable =
-        f.gw.wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
-            v == 0.0
-        })
-        .await;
-    assert!(writable.is_some(), "{}", f.gw.log());
+    f.restarts_once(|| disk.drain()).await;
     f.assert_everything_arrives().await;
     let last = f.statuses("b1").last().copied();
     let now = f.devs[0].bank().with(|t| t.holding(bag::HR_STATUS)) as u64;
@@ -891,21 +899,7 @@ async fn a_state_directory_the_kernel_makes_unwritable_is_reported_then_a_restar
         true,
     )
     .await;
-    f.receive(Duration::from_secs(1), |_| false).await;
-    disk.replace();
-    let exit = f.gw.wait_exit(Duration::from_secs(15)).await;
-    assert!(
-        exit.is_some_and(|e| !e.success() && e.code() != Some(78)),
-        "exits for systemd to restart it: {exit:?}\n{}",
-        f.gw.log()
-    );
-    f.gw.spawn(); // what systemd's Restart=on-failure does
-    let writable =
-        f.gw.wait_metric("floorgate_store_failing", Duration::from_secs(10), |v| {
-            v == 0.0
-        })
-        .await;
-    assert!(writable.is_some(), "{}", f.gw.log());
+    f.restarts_once(|| disk.replace()).await;
     f.assert_everything_arrives().await;
 }
 
