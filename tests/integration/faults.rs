@@ -311,25 +311,8 @@ async fn a_slow_stalling_resetting_network_loses_nothing_and_reconnects_at_a_bou
     );
     run.store(false, Ordering::Relaxed);
     traffic.await.unwrap();
-    let names = ["b1", "b2"];
-    let done = crate::resilience::receive_all_increments(
-        &mut sub,
-        &mut rx,
-        &names,
-        &devs,
-        &start,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(
-        done,
-        "everything delivered through the faults\n{}",
-        gw.log()
-    );
-    crate::resilience::assert_counters_complete(&rx, &names, &devs, &start);
-    rx.assert_seq_identity();
-    rx.assert_per_device_order();
-    rx.assert_no_seq_hole();
+    let within = Duration::from_secs(30);
+    every_increment_arrives(&mut sub, &mut rx, &devs, &start, &gw, within).await;
     let reconnects = proxy.connections() - before;
     assert!(
         reconnects <= (rounds as u64 + 1) * 4 + 2,
@@ -386,21 +369,8 @@ async fn a_broker_that_answers_pings_but_acknowledges_nothing_is_left_and_nothin
     receive_until(&mut sub, &mut rx, Duration::from_secs(1), |_| false).await;
     run.store(false, Ordering::Relaxed);
     traffic.await.unwrap();
-    let names = ["b1", "b2"];
-    let done = crate::resilience::receive_all_increments(
-        &mut sub,
-        &mut rx,
-        &names,
-        &devs,
-        &start,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(done, "everything delivered\n{}", gw.log());
-    crate::resilience::assert_counters_complete(&rx, &names, &devs, &start);
-    rx.assert_seq_identity();
-    rx.assert_per_device_order();
-    rx.assert_no_seq_hole();
+    let within = Duration::from_secs(30);
+    every_increment_arrives(&mut sub, &mut rx, &devs, &start, &gw, within).await;
     let stored = gw
         .wait_metric("floorgate_store_events", Duration::from_secs(10), |v| {
             v == 0.0
@@ -411,6 +381,26 @@ async fn a_broker_that_answers_pings_but_acknowledges_nothing_is_left_and_nothin
         "acknowledged at last: nothing stays stored"
     );
     stop.cancel();
+}
+
+/// Every increment of the two bag dispensers `b1` and `b2` since `start` arrives (within
+/// `within`) once, in order per device, no seq reused or missing.
+async fn every_increment_arrives(
+    sub: &mut crate::support::broker::Subscriber,
+    rx: &mut Received,
+    devs: &[floorgate::sim::Device],
+    start: &[u64],
+    gw: &Gateway,
+    within: Duration,
+) {
+    use crate::resilience::{assert_counters_complete, receive_all_increments};
+    let names = ["b1", "b2"];
+    let done = receive_all_increments(sub, rx, &names, devs, start, within).await;
+    assert!(done, "every increment arrives\n{}", gw.log());
+    assert_counters_complete(rx, &names, devs, start);
+    rx.assert_seq_identity();
+    rx.assert_per_device_order();
+    rx.assert_no_seq_hole();
 }
 
 /// A small tmpfs to fill, or None (and a note) on a machine where mounting is not permitted.
@@ -777,24 +767,18 @@ impl DiskFloor {
     /// Stops the traffic; every increment arrives once, in order per device, no seq reused or
     /// missing.
     async fn assert_everything_arrives(&mut self) {
-        use crate::resilience::{assert_counters_complete, receive_all_increments};
         self.run.store(false, std::sync::atomic::Ordering::Relaxed);
         (&mut self.traffic).await.unwrap();
-        let names = ["b1", "b2"];
-        let done = receive_all_increments(
-            &mut self.sub,
-            &mut self.rx,
-            &names,
+        let (sub, rx, gw) = (&mut self.sub, &mut self.rx, &self.gw);
+        every_increment_arrives(
+            sub,
+            rx,
             &self.devs,
             &self.start,
+            gw,
             Duration::from_secs(20),
         )
         .await;
-        assert!(done, "every increment arrives\n{}", self.gw.log());
-        assert_counters_complete(&self.rx, &names, &self.devs, &self.start);
-        self.rx.assert_seq_identity();
-        self.rx.assert_per_device_order();
-        self.rx.assert_no_seq_hole();
     }
 
     /// The status values of a device's state events, in order.
