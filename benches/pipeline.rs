@@ -338,8 +338,9 @@ async fn floor_config(
 }
 
 /// `floorgate run` polling the 64 devices after a restart with a copy of the store `backlog`
-/// ([`stored_backlog`]) as its state: seconds until the backlog is drained, CPU (% of a core) and peak
-/// RSS (MiB, `VmHWM`) meanwhile, and RSS (MiB) 5 s later, while the devices are polled live.
+/// ([`stored_backlog`]) as its state: seconds until the backlog is drained, CPU (% of a core)
+/// and peak RSS (MiB, `VmHWM`) meanwhile, and RSS (MiB) 5 s later, while the devices are
+/// polled live.
 async fn drain_footprint(pki: &Pki, broker: &Broker, backlog: &Path) -> (f64, f64, f64, f64) {
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();

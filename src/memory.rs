@@ -15,8 +15,8 @@
 ///   reused by another: while a backlog drains, the store reader, the acker, sled's threads and
 ///   the runtime each hold some. Peak RSS while a restarted 1 M backlog drained: 21.1 MiB
 ///   (20.7–21.3, 5 runs) with one arena against 23.2 (21.1–24.3, 5 runs) with two, at the same
-///   drain rate. Small allocations stay in each thread's cache, so the arena's lock is rarely
-///   taken.
+///   drain rate. glibc's per-thread cache serves many small allocations without the arena's
+///   lock.
 /// - A fixed mmap threshold of 512 KiB. glibc raises its threshold to the size of the largest
 ///   mapped chunk freed, so that after the first large leaf sled read (a leaf of packed blocks
 ///   is up to a megabyte) later ones come from the heap and stay resident when freed. Fixed, a
