@@ -46,7 +46,19 @@ impl Ext4 {
             loops: Vec::new(),
         };
         disk.attach(&image)?;
+        if !disk.switch().exists() {
+            return Err(format!("this kernel has no {}", disk.switch().display()));
+        }
         Ok(disk)
+    }
+
+    /// ext4's switch that makes the mounted file system record an error.
+    fn switch(&self) -> PathBuf {
+        let dev = self.loops.last().expect("attached");
+        let name = Path::new(dev).file_name().expect("device name");
+        Path::new("/sys/fs/ext4")
+            .join(name)
+            .join("trigger_fs_error")
     }
 
     fn attach(&mut self, image: &Path) -> Result<(), String> {
@@ -69,11 +81,7 @@ impl Ext4 {
     /// Makes ext4 record an error: it stops taking writes (and, on recent kernels, reads) until
     /// it is mounted again.
     pub fn fail(&self) {
-        let dev = self.loops.last().expect("attached");
-        let name = Path::new(dev).file_name().expect("device name");
-        let switch = Path::new("/sys/fs/ext4")
-            .join(name)
-            .join("trigger_fs_error");
+        let switch = self.switch();
         std::fs::write(&switch, "floorgate test: unwritable state directory")
             .unwrap_or_else(|e| panic!("{}: {e}", switch.display()));
     }
