@@ -346,6 +346,14 @@ async fn drain_footprint(pki: &Pki, broker: &Broker, backlog: &Path) -> (f64, f6
     let dir = tempfile::tempdir().unwrap();
     let (text, metrics_port) = floor_config(dir.path(), pki, broker.port, stop.clone()).await;
     copy_dir(backlog, &dir.path().join("state"));
+    // On disk before the daemon starts, as a restarted gateway's store is: otherwise its first
+    // commit would write the copy back.
+    {
+        use std::os::fd::AsRawFd;
+        let d = std::fs::File::open(dir.path()).unwrap();
+        // SAFETY: syncfs on a descriptor this block owns.
+        assert_eq!(unsafe { libc::syncfs(d.as_raw_fd()) }, 0);
+    }
     let mut child = run_daemon(dir.path(), &text);
     let (c0, _) = proc_stat(child.id());
     let t0 = Instant::now();
