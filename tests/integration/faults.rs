@@ -865,8 +865,8 @@ fn failing_disk() -> Option<Ext4> {
 
 /// The state directory's file system turns unwritable under the running gateway: ext4 records
 /// an error and takes no more writes, through files already open too (what an I/O error on the
-/// box's flash does with `errors=remount-ro`). The gateway says so, keeps polling, and once a
-/// checked copy of the file system is mounted in its place, exits for systemd; the restart
+/// box's flash does with `errors=remount-ro`). The gateway says so and holds what it could not
+/// write, and once a checked copy of the file system is mounted in its place, exits for systemd; the restart
 /// delivers every increment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_directory_the_kernel_makes_unwritable_is_reported_then_a_restart_delivers_every_increment(
@@ -921,9 +921,10 @@ async fn a_read_only_state_directory_at_start_is_refused_by_name_and_the_start_a
         disk.path().display()
     );
     assert!(gw.log().contains(&said), "{}", gw.log());
+    // Subscribed before the start that publishes.
+    let mut sub = subscribe(&broker, "floorgate/test/gw-ro/events").await;
     disk.remount(false);
     gw.spawn();
-    let mut sub = subscribe(&broker, "floorgate/test/gw-ro/events").await;
     let mut rx = Received::default();
     expect_state(&mut sub, &mut rx, "b2", &gw).await;
     stop.cancel();
