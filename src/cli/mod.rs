@@ -94,9 +94,12 @@ impl Failure {
 }
 
 fn init_logging(format: Option<&str>, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("FLOORGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, warning) = log_filter(std::env::var("FLOORGATE_LOG").ok(), default_level);
+    if let Some(warning) = warning {
+        eprintln!("floorgate: {warning}");
+    }
     let format = format.map(str::to_string).unwrap_or_else(|| {
         if std::env::var_os("JOURNAL_STREAM").is_some() {
             "journal".into()
@@ -104,15 +107,41 @@ fn init_logging(format: Option<&str>, default_level: &str) {
             "human".into()
         }
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     let _ = match format.as_str() {
-        "json" => builder.json().try_init(),
+        "json" => builder.json().finish().with(filter).try_init(),
         // journald stamps time and host itself.
-        "journal" => builder.without_time().with_ansi(false).try_init(),
-        _ => builder.try_init(),
+        "journal" => builder
+            .without_time()
+            .with_ansi(false)
+            .finish()
+            .with(filter)
+            .try_init(),
+        _ => builder.finish().with(filter).try_init(),
     };
+}
+
+/// The log filter: `FLOORGATE_LOG` (`target=level` directives and a default level, separated by
+/// commas, e.g. `floorgate=debug,info`) when set and valid, else `default_level`; a value that
+/// does not parse is named in the warning returned.
+fn log_filter(
+    var: Option<String>,
+    default_level: &str,
+) -> (tracing_subscriber::filter::Targets, Option<String>) {
+    use tracing_subscriber::filter::Targets;
+    let default = || default_level.parse::<Targets>().unwrap_or_default();
+    match var.as_deref().map(str::trim) {
+        None | Some("") => (default(), None),
+        Some(value) => match value.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                default(),
+                Some(format!(
+                    "FLOORGATE_LOG={value:?} is not a log filter ({e}); logging at {default_level}"
+                )),
+            ),
+        },
+    }
 }
 
 /// Parses arguments, runs the command, returns the exit code.
@@ -159,5 +188,40 @@ pub fn main() -> i32 {
             eprintln!("floorgate: {}", f.message);
             f.code
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn the_log_filter_takes_directives_and_a_default_level() {
+        let (f, warning) = log_filter(Some("floorgate=debug,info".into()), "error");
+        assert_eq!(warning, None);
+        assert!(f.would_enable("floorgate::uplink", &Level::DEBUG));
+        assert!(f.would_enable("sled", &Level::INFO));
+        assert!(!f.would_enable("sled", &Level::DEBUG));
+        // Without a default level only the targets named log.
+        let (f, _) = log_filter(Some("floorgate=debug".into()), "info");
+        assert!(!f.would_enable("rumqttc", &Level::ERROR));
+        let (f, warning) = log_filter(None, "info");
+        assert_eq!(warning, None);
+        assert!(f.would_enable("floorgate", &Level::INFO));
+        assert!(!f.would_enable("floorgate", &Level::DEBUG));
+    }
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_named_and_the_default_used() {
+        let (f, warning) = log_filter(Some("floorgate=loud".into()), "warn");
+        let warning = warning.expect("a warning");
+        assert!(
+            warning.contains("FLOORGATE_LOG=\"floorgate=loud\""),
+            "{warning}"
+        );
+        assert!(warning.contains("logging at warn"), "{warning}");
+        assert!(f.would_enable("floorgate", &Level::WARN));
+        assert!(!f.would_enable("floorgate", &Level::INFO));
     }
 }
