@@ -232,6 +232,8 @@ pub struct RunOptions {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
+    // A pushed configuration whose health gate the last run did not finish goes back first.
+    let interrupted = crate::remote::roll_back_interrupted_trial(&opts.config);
     let (config, _) = crate::remote::load_effective(&opts.config)?;
     let store = Arc::new(
         Store::open(
@@ -242,6 +244,9 @@ pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
         .with_min_free(config.store.min_free),
     );
     let shared = Shared::new(store);
+    if let Some(state) = interrupted {
+        shared.publish("config/state", &state, true);
+    }
     run_with(
         opts.config.as_path(),
         config,
@@ -589,7 +594,11 @@ fn on_config_set(
     if let Err(e) = history.store(set.version, &set.toml) {
         return reject(v, format!("cannot store the configuration: {e}"));
     }
+    if let Err(e) = history.begin_trial(set.version, now) {
+        return reject(v, format!("cannot note the health gate's trial: {e}"));
+    }
     if let Err(e) = history.set_applied(applied) {
+        let _ = history.end_trial();
         return reject(v, format!("cannot switch to the configuration: {e}"));
     }
     Some(Accepted {
@@ -610,6 +619,8 @@ fn finish(
 ) {
     if let Err(e) = history.set_applied(current) {
         tracing::error!(error = %e, "cannot record the configuration in use");
+    } else if let Err(e) = history.end_trial() {
+        tracing::error!(error = %e, "cannot end the health gate's trial");
     }
     if let Err(e) = history.record(version, status, error) {
         tracing::error!(error = %e, "cannot write the configuration history");

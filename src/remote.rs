@@ -4,7 +4,8 @@
 //!
 //! Files in `STATE_DIR/config/`: `vN.toml` (every accepted version), `current` (the version in
 //! use; absent = the local file), `highest` (the newest version ever accepted: replays are
-//! refused, also after a restart), `history.jsonl` (one line per outcome).
+//! refused, also after a restart), `history.jsonl` (one line per outcome), `trial` (the version in
+//! its health gate and the pointers before it; a start that finds it rolls back).
 
 use crate::config::{BusKind, Config};
 use serde::{Deserialize, Serialize};
@@ -160,6 +161,56 @@ impl History {
         self.set_overlay(a.overlay)
     }
 
+    /// Notes that `version` is in its health gate, and the pointers to go back to
+    /// (`STATE_DIR/config/trial`): a gateway that stops before the gate's verdict rolls back
+    /// when it starts again ([`roll_back_interrupted_trial`]).
+    pub fn begin_trial(&self, version: u64, previous: Applied) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let text = serde_json::json!({
+            "version": version,
+            "full": previous.full,
+            "overlay": previous.overlay,
+        });
+        write_atomic(&self.dir.join("trial"), text.to_string().as_bytes())
+    }
+
+    /// The version left in its health gate and the pointers before it, if any. A trial file that
+    /// does not parse is reported as an error.
+    pub fn trial(&self) -> std::io::Result<Option<(u64, Applied)>> {
+        let text = match std::fs::read_to_string(self.dir.join("trial")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = || {
+            std::io::Error::other(format!(
+                "{}: not a trial record: {text:?}",
+                self.dir.join("trial").display()
+            ))
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+        let version = v["version"].as_u64().ok_or_else(bad)?;
+        let pointer = |k: &str| match &v[k] {
+            serde_json::Value::Null => Ok(None),
+            p => p.as_u64().map(Some).ok_or_else(bad),
+        };
+        Ok(Some((
+            version,
+            Applied {
+                full: pointer("full")?,
+                overlay: pointer("overlay")?,
+            },
+        )))
+    }
+
+    /// Ends the health gate's trial: its verdict is recorded, or the pointers were set by hand.
+    pub fn end_trial(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join("trial")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Appends an outcome.
     pub fn record(&self, version: u64, status: &str, error: Option<&str>) -> std::io::Result<()> {
         use std::io::Write;
@@ -262,6 +313,43 @@ pub fn load_effective(local: &Path) -> Result<(Config, Applied), crate::config::
             Ok((base, applied))
         }
     }
+}
+
+/// Why a version left in its health gate was rolled back.
+pub const INTERRUPTED_TRIAL: &str =
+    "the gateway stopped before the health gate's verdict; rolled back at start";
+
+/// Rolls back a pushed configuration whose health gate a stop, crash or panic interrupted: the
+/// pointers go back to what they were before it, and the outcome is recorded. Returns the state
+/// to publish on `config/state`. Call it before [`load_effective`].
+pub fn roll_back_interrupted_trial(local: &Path) -> Option<ConfigState> {
+    let state_dir = crate::config::load(local).ok()?.gateway.state_dir;
+    let history = History::new(&state_dir);
+    let (version, previous) = match history.trial() {
+        Ok(Some(t)) => t,
+        Ok(None) => return None,
+        Err(error) => {
+            // Unreadable: the pointers are left as they are, and so is the file, for a person.
+            tracing::error!(%error, "cannot read the health gate's trial record");
+            return None;
+        }
+    };
+    tracing::error!(
+        version,
+        "pushed configuration was still in its health gate when the gateway stopped; rolling back"
+    );
+    let done = history
+        .set_applied(previous)
+        .and_then(|()| history.record(version, "rolled_back", Some(INTERRUPTED_TRIAL)))
+        .and_then(|()| history.end_trial());
+    if let Err(error) = done {
+        tracing::error!(%error, version, "cannot roll back the configuration left in its health gate");
+    }
+    Some(ConfigState {
+        version: Some(version),
+        status: "rolled_back".into(),
+        error: Some(INTERRUPTED_TRIAL.into()),
+    })
 }
 
 /// Checks a pushed config against the box: it keeps the gateway's identity and state directory,
@@ -460,5 +548,64 @@ mod tests {
         assert_eq!(h.entries().len(), 2);
         h.set_current(None).expect("local");
         assert_eq!(h.current(), None);
+    }
+
+    /// A local configuration whose state directory is `state`.
+    fn local_config(dir: &Path, state: &Path) -> PathBuf {
+        let path = dir.join("floorgate.toml");
+        let text = format!(
+            "[gateway]\nid = \"t\"\nstate_dir = \"{}\"\n[[bus]]\nname = \"b\"\ntcp = {{ address = \"127.0.0.1:1\" }}\n",
+            state.display()
+        );
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_version_left_in_its_health_gate_is_rolled_back_at_start() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = dir.path().join("state");
+        let local = local_config(dir.path(), &state);
+        let h = History::new(&state);
+        let before = Applied {
+            full: Some(5),
+            overlay: None,
+        };
+        h.set_applied(before).expect("pointers");
+        // Nothing in a gate: nothing to do.
+        assert_eq!(roll_back_interrupted_trial(&local), None);
+        h.begin_trial(10, before).expect("trial");
+        h.set_applied(Applied {
+            full: Some(5),
+            overlay: Some(10),
+        })
+        .expect("pointers");
+        assert_eq!(h.trial().expect("trial"), Some((10, before)));
+        let state_msg = roll_back_interrupted_trial(&local).expect("rolled back");
+        assert_eq!(state_msg.version, Some(10));
+        assert_eq!(state_msg.status, "rolled_back");
+        assert_eq!(state_msg.error.as_deref(), Some(INTERRUPTED_TRIAL));
+        assert_eq!(h.applied(), before);
+        let last = h.entries().pop().expect("an entry");
+        assert_eq!((last.version, last.status.as_str()), (10, "rolled_back"));
+        assert_eq!(h.trial().expect("trial"), None);
+        assert_eq!(roll_back_interrupted_trial(&local), None, "only once");
+    }
+
+    #[test]
+    fn a_trial_record_that_does_not_parse_is_an_error_and_touches_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = dir.path().join("state");
+        let local = local_config(dir.path(), &state);
+        let h = History::new(&state);
+        h.set_current(Some(7)).expect("current");
+        std::fs::write(state.join("config").join("trial"), "{\"version\": \"x\"}").expect("write");
+        let error = h.trial().expect_err("not a trial record");
+        assert!(error.to_string().contains("not a trial record"), "{error}");
+        assert_eq!(roll_back_interrupted_trial(&local), None);
+        assert_eq!(h.current(), Some(7));
+        h.end_trial().expect("end");
+        assert_eq!(h.trial().expect("trial"), None);
+        h.end_trial().expect("ending twice is fine");
     }
 }

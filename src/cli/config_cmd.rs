@@ -85,6 +85,8 @@ pub(super) async fn run(c: Command) -> Result<(), Failure> {
                 None => from.and_then(|f| h.previous_applied(f)),
             };
             h.set_current(target).map_err(Failure::new)?;
+            // Chosen by hand: a restart keeps it, also during a pushed version's health gate.
+            h.end_trial().map_err(Failure::new)?;
             if let Some(f) = from {
                 h.record(f, "rolled_back", Some("rolled back by hand"))
                     .map_err(Failure::new)?;

@@ -246,6 +246,112 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     stop.cancel();
 }
 
+/// A gateway killed while a pushed configuration is in its health gate starts again with the
+/// configuration from before, says so on `config/state`, and loses no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_during_the_health_gate_rolls_back_when_it_starts_again() {
+    let stop = CancellationToken::new();
+    let (tcp, devs) = still_floor(1, 0)
+        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .unwrap();
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let key = SigningKey::from_bytes(&[43u8; 32]);
+    let public = b64(key.verifying_key().as_bytes());
+    let mut events = subscribe(&broker, "floorgate/test/gw-kg/events").await;
+    let mut states = subscribe(&broker, "floorgate/test/gw-kg/config/state").await;
+    // The gate waits up to a minute for the uplink: long enough to be killed in it.
+    let uplink = format!(
+        "{}config_public_key = \"{public}\"\nconfig_window = \"60s\"\n",
+        uplink_for(&pki, &broker)
+    );
+    let one = device("b1", "lan", 1, "bag_dispenser", "100ms");
+    let mut gw = Gateway::start(|state, metrics| {
+        config(
+            "gw-kg",
+            state,
+            metrics,
+            &format!("{uplink}{}{one}", tcp_bus("lan", tcp)),
+        )
+    });
+    let mut rx = Received::default();
+    expect_state(&mut events, &mut rx, "b1", &gw).await;
+    gw.expect_log("control link subscribed", Duration::from_secs(10))
+        .await;
+    let base = std::fs::read_to_string(&gw.config_path).unwrap();
+    let dead_port = crate::support::gateway::free_port();
+    let dead = base.replace(
+        &format!("localhost:{}", broker.port),
+        &format!("localhost:{dead_port}"),
+    );
+    assert_ne!(dead, base);
+
+    // A configuration that cannot reach the broker: its gate would wait out the minute.
+    publish(
+        &broker,
+        "floorgate/test/gw-kg/config/set",
+        signed(&key, 5, &dead),
+        false,
+    )
+    .await;
+    gw.expect_log("applying pushed configuration", Duration::from_secs(10))
+        .await;
+    // Stock changes while the gateway buffers for the unreachable broker, then it dies.
+    devs[0]
+        .bank()
+        .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 222));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.kill9();
+    devs[0]
+        .bank()
+        .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 333));
+    gw.spawn();
+
+    let st = state_of(&mut states, 5, Duration::from_secs(20)).await;
+    assert_eq!(st["status"], "rolled_back", "{st}\n{}", gw.log());
+    assert_eq!(
+        st["error"].as_str(),
+        Some(floorgate::remote::INTERRUPTED_TRIAL),
+        "{st}"
+    );
+    // Back on the configuration that reaches the broker: the stock changes arrive, and every
+    // seq once with one event.
+    assert!(
+        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| {
+            let stock = rx.of("b1", "telemetry");
+            [222, 333]
+                .iter()
+                .all(|v| stock.iter().any(|e| e["values"]["stock"] == *v))
+        })
+        .await,
+        "{}",
+        gw.log()
+    );
+    rx.assert_seq_identity();
+    let seqs = rx.seqs();
+    assert_eq!(
+        seqs.len() as u64,
+        seqs.last().unwrap() - seqs.first().unwrap() + 1,
+        "the kill and the rollback lose no seq"
+    );
+    let h = config_history(&gw.config_path);
+    assert_eq!(h["current"], serde_json::Value::Null, "{h}");
+    let statuses: Vec<(u64, String)> = h["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().unwrap(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses, vec![(5, "rolled_back".to_string())]);
+    stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_write_writable_points_once_and_refuse_the_rest() {
     let stop = CancellationToken::new();
