@@ -564,9 +564,11 @@ const RECLAIM_CHUNK: usize = 64;
 /// nodes larger than 128 KiB (stored as files of their own) against its cache, so what waits
 /// here is resident: the bound is in bytes, not only in blocks. Measured with a 1 M backlog
 /// (64 KiB blocks): RSS while draining 33 MiB with 4 MiB waiting, 28-29 MiB with 1 MiB, at
-/// the same drain rate. 512 KiB saved another 0.7 MiB of peak but cost 0.02–0.03 µs of drain
-/// CPU per event (twice the delete transactions).
-const RECLAIM_DEFER_BYTES: u64 = 1 << 20;
+/// the same drain rate. 512 KiB instead of 1 MiB (ninth session, two batches of 8 runs each):
+/// peak 16.8–17.6 MiB (medians 17.3, 17.2) against 17.2–18.2 (17.3, 17.8), for twice the
+/// delete transactions: drain CPU per event 0.29–0.31 µs against 0.29, best against best 0.86
+/// and 0.88 of the plain publisher against 0.91 and 0.92.
+const RECLAIM_DEFER_BYTES: u64 = 512 << 10;
 /// Bytes of blocks deleted since the allocator last gave its free memory back; once the session
 /// has caught up and nothing waits after more than this, it does ([`crate::memory::trim`]).
 const TRIM_AFTER_BYTES: u64 = 4 << 20;
