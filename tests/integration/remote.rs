@@ -49,30 +49,100 @@ async fn first_json(
     }
 }
 
+/// What the signed-push tests share: still bag dispensers on Modbus TCP, a TLS broker, a signing
+/// key, an `[uplink]` section that requires its signatures with a health gate of `window`, and
+/// subscriptions to the gateway's events and config states.
+/// It lives as long as the gateway runs: `_pki` owns the certificate files both read.
+struct Signed {
+    stop: CancellationToken,
+    tcp: std::net::SocketAddr,
+    devs: Vec<floorgate::sim::Device>,
+    _pki: Pki,
+    broker: Broker,
+    key: SigningKey,
+    events: Subscriber,
+    states: Subscriber,
+    uplink: String,
+}
+
+impl Signed {
+    async fn start(gateway: &str, bags: usize, seed: u8, window: &str) -> Signed {
+        let stop = CancellationToken::new();
+        let (tcp, devs) = still_floor(bags, 0)
+            .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
+            .await
+            .unwrap();
+        let pki = Pki::generate();
+        let broker = Broker::start_tls(&pki);
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let public = b64(key.verifying_key().as_bytes());
+        let events = subscribe(&broker, &format!("floorgate/test/{gateway}/events")).await;
+        let states = subscribe(&broker, &format!("floorgate/test/{gateway}/config/state")).await;
+        let uplink = format!(
+            "{}config_public_key = \"{public}\"\nconfig_window = \"{window}\"\n",
+            uplink_for(&pki, &broker)
+        );
+        Signed {
+            stop,
+            tcp,
+            devs,
+            _pki: pki,
+            broker,
+            key,
+            events,
+            states,
+            uplink,
+        }
+    }
+}
+
+/// `text` with the uplink pointed at a port nobody listens on instead of `broker`.
+fn dead_broker(broker: &Broker, text: &str) -> String {
+    let dead_port = crate::support::gateway::free_port();
+    let dead = text.replace(
+        &format!("localhost:{}", broker.port),
+        &format!("localhost:{dead_port}"),
+    );
+    assert_ne!(dead, text);
+    dead
+}
+
+/// Asserts that the seqs received run without a hole.
+fn assert_no_seq_hole(rx: &Received, what: &str) {
+    let seqs = rx.seqs();
+    assert_eq!(
+        seqs.len() as u64,
+        seqs.last().unwrap() - seqs.first().unwrap() + 1,
+        "{what}"
+    );
+}
+
+/// (version, status) of each entry of `floorgate config history --json`.
+fn statuses(history: &serde_json::Value) -> Vec<(u64, String)> {
+    history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().unwrap(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_back() {
-    let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(2, 0)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
-    let key = SigningKey::from_bytes(&[42u8; 32]);
-    let public = b64(key.verifying_key().as_bytes());
-    let mut events = subscribe(&broker, "floorgate/test/gw-rc/events").await;
-    let mut states = subscribe(&broker, "floorgate/test/gw-rc/config/state").await;
-    let uplink = format!(
-        "{}config_public_key = \"{public}\"\nconfig_window = \"4s\"\n",
-        uplink_for(&pki, &broker)
-    );
-    let rest = |devices: &str, uplink: &str| format!("{uplink}{}{devices}", tcp_bus("lan", tcp));
+    let mut rig = Signed::start("gw-rc", 2, 42, "4s").await;
+    let rest =
+        |devices: &str, uplink: &str| format!("{uplink}{}{devices}", tcp_bus("lan", rig.tcp));
     let one = device("b1", "lan", 1, "bag_dispenser", "100ms");
     let two = format!("{one}{}", device("b2", "lan", 2, "bag_dispenser", "100ms"));
     let mut gw =
-        Gateway::start(|state, metrics| config("gw-rc", state, metrics, &rest(&one, &uplink)));
+        Gateway::start(|state, metrics| config("gw-rc", state, metrics, &rest(&one, &rig.uplink)));
     let mut rx = Received::default();
-    expect_state(&mut events, &mut rx, "b1", &gw).await;
+    expect_state(&mut rig.events, &mut rx, "b1", &gw).await;
     gw.expect_log("control link subscribed", Duration::from_secs(10))
         .await;
     let base = std::fs::read_to_string(&gw.config_path).unwrap();
@@ -80,11 +150,11 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     let topic = "floorgate/test/gw-rc/config/set";
 
     // A signed config applies and changes what is polled.
-    publish(&broker, topic, signed(&key, 5, &with_two), false).await;
-    let st = state_of(&mut states, 5, Duration::from_secs(15)).await;
+    publish(&rig.broker, topic, signed(&rig.key, 5, &with_two), false).await;
+    let st = state_of(&mut rig.states, 5, Duration::from_secs(15)).await;
     assert_eq!(st["status"], "applied", "{st}\n{}", gw.log());
     assert!(
-        receive_until(&mut events, &mut rx, Duration::from_secs(10), |rx| !rx
+        receive_until(&mut rig.events, &mut rx, Duration::from_secs(10), |rx| !rx
             .of("b2", "state")
             .is_empty())
         .await
@@ -92,10 +162,16 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
 
     // Rejections, each with its reason.
     let mut forged =
-        serde_json::from_slice::<serde_json::Value>(&signed(&key, 6, &with_two)).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&signed(&rig.key, 6, &with_two)).unwrap();
     forged["toml"] = serde_json::Value::String(with_two.replace("100ms", "10ms"));
-    publish(&broker, topic, serde_json::to_vec(&forged).unwrap(), false).await;
-    let st = state_of(&mut states, 6, Duration::from_secs(10)).await;
+    publish(
+        &rig.broker,
+        topic,
+        serde_json::to_vec(&forged).unwrap(),
+        false,
+    )
+    .await;
+    let st = state_of(&mut rig.states, 6, Duration::from_secs(10)).await;
     assert_eq!(st["status"], "rejected");
     assert!(
         st["error"].as_str().unwrap().contains("bad signature"),
@@ -103,31 +179,37 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     );
     let unsigned =
         serde_json::to_vec(&serde_json::json!({"version": 7, "toml": with_two})).unwrap();
-    publish(&broker, topic, unsigned, false).await;
+    publish(&rig.broker, topic, unsigned, false).await;
     assert!(
-        state_of(&mut states, 7, Duration::from_secs(10)).await["error"]
+        state_of(&mut rig.states, 7, Duration::from_secs(10)).await["error"]
             .as_str()
             .unwrap()
             .contains("unsigned")
     );
-    publish(&broker, topic, signed(&key, 4, &with_two), false).await;
+    publish(&rig.broker, topic, signed(&rig.key, 4, &with_two), false).await;
     assert!(
-        state_of(&mut states, 4, Duration::from_secs(10)).await["error"]
+        state_of(&mut rig.states, 4, Duration::from_secs(10)).await["error"]
             .as_str()
             .unwrap()
             .contains("not newer")
     );
-    publish(&broker, topic, signed(&key, 8, "[gateway\nid = 1"), false).await;
-    let st = state_of(&mut states, 8, Duration::from_secs(10)).await;
+    publish(
+        &rig.broker,
+        topic,
+        signed(&rig.key, 8, "[gateway\nid = 1"),
+        false,
+    )
+    .await;
+    let st = state_of(&mut rig.states, 8, Duration::from_secs(10)).await;
     assert!(
         st["error"].as_str().unwrap().starts_with("config v8:"),
         "{st}"
     );
     publish(
-        &broker,
+        &rig.broker,
         topic,
         signed(
-            &key,
+            &rig.key,
             9,
             &with_two.replace("profile = \"bag_dispenser\"", "profile = \"ghost\""),
         ),
@@ -135,7 +217,7 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     )
     .await;
     assert!(
-        state_of(&mut states, 9, Duration::from_secs(10)).await["error"]
+        state_of(&mut rig.states, 9, Duration::from_secs(10)).await["error"]
             .as_str()
             .unwrap()
             .contains("unknown profile \"ghost\"")
@@ -146,7 +228,7 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         gw.terminate(Duration::from_secs(10)).and_then(|s| s.code()),
         Some(0)
     );
-    let mut status = subscribe(&broker, "floorgate/test/gw-rc/status").await;
+    let mut status = subscribe(&rig.broker, "floorgate/test/gw-rc/status").await;
     status.drain();
     gw.spawn();
     // The birth message is published after the subscriptions, so once it is seen they are in place.
@@ -163,8 +245,8 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
             break;
         }
     }
-    publish(&broker, topic, signed(&key, 3, &with_two), false).await;
-    let st = state_of(&mut states, 3, Duration::from_secs(10)).await;
+    publish(&rig.broker, topic, signed(&rig.key, 3, &with_two), false).await;
+    let st = state_of(&mut rig.states, 3, Duration::from_secs(10)).await;
     assert_eq!(st["status"], "rejected", "{st}");
     assert!(
         st["error"].as_str().unwrap().contains("not newer than 5"),
@@ -172,17 +254,12 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     );
 
     // A config pointing at a dead broker rolls back by itself; events keep flowing exactly once.
-    let dead_port = crate::support::gateway::free_port();
-    let dead = with_two.replace(
-        &format!("localhost:{}", broker.port),
-        &format!("localhost:{dead_port}"),
-    );
-    assert_ne!(dead, with_two);
-    publish(&broker, topic, signed(&key, 10, &dead), false).await;
-    devs[0]
+    let dead = dead_broker(&rig.broker, &with_two);
+    publish(&rig.broker, topic, signed(&rig.key, 10, &dead), false).await;
+    rig.devs[0]
         .bank()
         .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 321));
-    let st = state_of(&mut states, 10, Duration::from_secs(20)).await;
+    let st = state_of(&mut rig.states, 10, Duration::from_secs(20)).await;
     assert_eq!(st["status"], "rolled_back", "{st}\n{}", gw.log());
     assert!(
         st["error"]
@@ -192,33 +269,17 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
         "{st}"
     );
     assert!(
-        receive_until(&mut events, &mut rx, Duration::from_secs(10), |rx| rx
+        receive_until(&mut rig.events, &mut rx, Duration::from_secs(10), |rx| rx
             .of("b1", "telemetry")
             .iter()
             .any(|e| e["values"]["stock"] == 321))
         .await
     );
     rx.assert_seq_identity();
-    let seqs = rx.seqs();
-    assert_eq!(
-        seqs.len() as u64,
-        seqs.last().unwrap() - seqs.first().unwrap() + 1,
-        "apply and rollback lose no seq"
-    );
+    assert_no_seq_hole(&rx, "apply and rollback lose no seq");
     let h = config_history(&gw.config_path);
-    let statuses: Vec<(u64, String)> = h["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["version"].as_u64().unwrap(),
-                e["status"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
     assert_eq!(
-        statuses,
+        statuses(&h),
         vec![(5, "applied".to_string()), (10, "rolled_back".to_string())]
     );
     assert_eq!(h["current"], 5);
@@ -243,72 +304,53 @@ async fn signed_config_applies_bad_ones_are_rejected_and_a_broken_uplink_rolls_b
     );
     let h = config_history(&gw.config_path);
     assert_eq!(h["current"], serde_json::Value::Null);
-    stop.cancel();
+    rig.stop.cancel();
 }
 
 /// A gateway killed while a pushed configuration is in its health gate starts again with the
 /// configuration from before, says so on `config/state`, and loses no event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_during_the_health_gate_rolls_back_when_it_starts_again() {
-    let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(1, 0)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
-    let key = SigningKey::from_bytes(&[43u8; 32]);
-    let public = b64(key.verifying_key().as_bytes());
-    let mut events = subscribe(&broker, "floorgate/test/gw-kg/events").await;
-    let mut states = subscribe(&broker, "floorgate/test/gw-kg/config/state").await;
     // The gate waits up to a minute for the uplink: long enough to be killed in it.
-    let uplink = format!(
-        "{}config_public_key = \"{public}\"\nconfig_window = \"60s\"\n",
-        uplink_for(&pki, &broker)
-    );
+    let mut rig = Signed::start("gw-kg", 1, 43, "60s").await;
     let one = device("b1", "lan", 1, "bag_dispenser", "100ms");
     let mut gw = Gateway::start(|state, metrics| {
         config(
             "gw-kg",
             state,
             metrics,
-            &format!("{uplink}{}{one}", tcp_bus("lan", tcp)),
+            &format!("{}{}{one}", rig.uplink, tcp_bus("lan", rig.tcp)),
         )
     });
     let mut rx = Received::default();
-    expect_state(&mut events, &mut rx, "b1", &gw).await;
+    expect_state(&mut rig.events, &mut rx, "b1", &gw).await;
     gw.expect_log("control link subscribed", Duration::from_secs(10))
         .await;
     let base = std::fs::read_to_string(&gw.config_path).unwrap();
-    let dead_port = crate::support::gateway::free_port();
-    let dead = base.replace(
-        &format!("localhost:{}", broker.port),
-        &format!("localhost:{dead_port}"),
-    );
-    assert_ne!(dead, base);
+    let dead = dead_broker(&rig.broker, &base);
 
     // A configuration that cannot reach the broker: its gate would wait out the minute.
     publish(
-        &broker,
+        &rig.broker,
         "floorgate/test/gw-kg/config/set",
-        signed(&key, 5, &dead),
+        signed(&rig.key, 5, &dead),
         false,
     )
     .await;
     gw.expect_log("applying pushed configuration", Duration::from_secs(10))
         .await;
     // Stock changes while the gateway buffers for the unreachable broker, then it dies.
-    devs[0]
+    rig.devs[0]
         .bank()
         .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 222));
     tokio::time::sleep(Duration::from_millis(500)).await;
     gw.kill9();
-    devs[0]
+    rig.devs[0]
         .bank()
         .with(|t| t.set_u16(floorgate::sim::bag::HR_STOCK, 333));
     gw.spawn();
 
-    let st = state_of(&mut states, 5, Duration::from_secs(20)).await;
+    let st = state_of(&mut rig.states, 5, Duration::from_secs(20)).await;
     assert_eq!(st["status"], "rolled_back", "{st}\n{}", gw.log());
     assert_eq!(
         st["error"].as_str(),
@@ -318,7 +360,7 @@ async fn a_gateway_killed_during_the_health_gate_rolls_back_when_it_starts_again
     // Back on the configuration that reaches the broker: the stock changes arrive, and every
     // seq once with one event.
     assert!(
-        receive_until(&mut events, &mut rx, Duration::from_secs(15), |rx| {
+        receive_until(&mut rig.events, &mut rx, Duration::from_secs(15), |rx| {
             let stock = rx.of("b1", "telemetry");
             [222, 333]
                 .iter()
@@ -329,27 +371,11 @@ async fn a_gateway_killed_during_the_health_gate_rolls_back_when_it_starts_again
         gw.log()
     );
     rx.assert_seq_identity();
-    let seqs = rx.seqs();
-    assert_eq!(
-        seqs.len() as u64,
-        seqs.last().unwrap() - seqs.first().unwrap() + 1,
-        "the kill and the rollback lose no seq"
-    );
+    assert_no_seq_hole(&rx, "the kill and the rollback lose no seq");
     let h = config_history(&gw.config_path);
     assert_eq!(h["current"], serde_json::Value::Null, "{h}");
-    let statuses: Vec<(u64, String)> = h["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["version"].as_u64().unwrap(),
-                e["status"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(statuses, vec![(5, "rolled_back".to_string())]);
-    stop.cancel();
+    assert_eq!(statuses(&h), vec![(5, "rolled_back".to_string())]);
+    rig.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
