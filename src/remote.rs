@@ -338,12 +338,16 @@ pub fn roll_back_interrupted_trial(local: &Path) -> Option<ConfigState> {
         version,
         "pushed configuration was still in its health gate when the gateway stopped; rolling back"
     );
-    let done = history
-        .set_applied(previous)
-        .and_then(|()| history.record(version, "rolled_back", Some(INTERRUPTED_TRIAL)))
-        .and_then(|()| history.end_trial());
-    if let Err(error) = done {
+    if let Err(error) = history.set_applied(previous) {
+        // Not rolled back, so not reported as such; the trial stays for the next start.
         tracing::error!(%error, version, "cannot roll back the configuration left in its health gate");
+        return None;
+    }
+    let recorded = history
+        .record(version, "rolled_back", Some(INTERRUPTED_TRIAL))
+        .and_then(|()| history.end_trial());
+    if let Err(error) = recorded {
+        tracing::error!(%error, version, "rolled back, but cannot record it in the history");
     }
     Some(ConfigState {
         version: Some(version),
