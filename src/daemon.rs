@@ -232,9 +232,13 @@ pub struct RunOptions {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), DaemonError> {
-    // A pushed configuration whose health gate the last run did not finish goes back first.
-    let interrupted = crate::remote::roll_back_interrupted_trial(&opts.config);
-    let (config, _) = crate::remote::load_effective(&opts.config)?;
+    let (mut config, _) = crate::remote::load_effective(&opts.config)?;
+    // A pushed configuration whose health gate the last run did not finish goes back first (the
+    // state directory is the local file's: a push cannot change it).
+    let interrupted = crate::remote::roll_back_interrupted_trial(&config.gateway.state_dir);
+    if interrupted.is_some() {
+        config = crate::remote::load_effective(&opts.config)?.0;
+    }
     let store = Arc::new(
         Store::open(
             &config.gateway.state_dir,

@@ -320,11 +320,11 @@ pub const INTERRUPTED_TRIAL: &str =
     "the gateway stopped before the health gate's verdict; rolled back at start";
 
 /// Rolls back a pushed configuration whose health gate a stop, crash or panic interrupted: the
-/// pointers go back to what they were before it, and the outcome is recorded. Returns the state
-/// to publish on `config/state`. Call it before [`load_effective`].
-pub fn roll_back_interrupted_trial(local: &Path) -> Option<ConfigState> {
-    let state_dir = crate::config::load(local).ok()?.gateway.state_dir;
-    let history = History::new(&state_dir);
+/// pointers under `state_dir` go back to what they were before it, and the outcome is recorded.
+/// Returns the state to publish on `config/state`; the effective configuration has to be loaded
+/// again then ([`load_effective`]).
+pub fn roll_back_interrupted_trial(state_dir: &Path) -> Option<ConfigState> {
+    let history = History::new(state_dir);
     let (version, previous) = match history.trial() {
         Ok(Some(t)) => t,
         Ok(None) => return None,
@@ -554,30 +554,18 @@ mod tests {
         assert_eq!(h.current(), None);
     }
 
-    /// A local configuration whose state directory is `state`.
-    fn local_config(dir: &Path, state: &Path) -> PathBuf {
-        let path = dir.join("floorgate.toml");
-        let text = format!(
-            "[gateway]\nid = \"t\"\nstate_dir = \"{}\"\n[[bus]]\nname = \"b\"\ntcp = {{ address = \"127.0.0.1:1\" }}\n",
-            state.display()
-        );
-        std::fs::write(&path, text).expect("write");
-        path
-    }
-
     #[test]
     fn a_version_left_in_its_health_gate_is_rolled_back_at_start() {
         let dir = tempfile::tempdir().expect("tmp");
-        let state = dir.path().join("state");
-        let local = local_config(dir.path(), &state);
-        let h = History::new(&state);
+        let state = dir.path();
+        let h = History::new(state);
         let before = Applied {
             full: Some(5),
             overlay: None,
         };
         h.set_applied(before).expect("pointers");
         // Nothing in a gate: nothing to do.
-        assert_eq!(roll_back_interrupted_trial(&local), None);
+        assert_eq!(roll_back_interrupted_trial(state), None);
         h.begin_trial(10, before).expect("trial");
         h.set_applied(Applied {
             full: Some(5),
@@ -585,7 +573,7 @@ mod tests {
         })
         .expect("pointers");
         assert_eq!(h.trial().expect("trial"), Some((10, before)));
-        let state_msg = roll_back_interrupted_trial(&local).expect("rolled back");
+        let state_msg = roll_back_interrupted_trial(state).expect("rolled back");
         assert_eq!(state_msg.version, Some(10));
         assert_eq!(state_msg.status, "rolled_back");
         assert_eq!(state_msg.error.as_deref(), Some(INTERRUPTED_TRIAL));
@@ -593,20 +581,19 @@ mod tests {
         let last = h.entries().pop().expect("an entry");
         assert_eq!((last.version, last.status.as_str()), (10, "rolled_back"));
         assert_eq!(h.trial().expect("trial"), None);
-        assert_eq!(roll_back_interrupted_trial(&local), None, "only once");
+        assert_eq!(roll_back_interrupted_trial(state), None, "only once");
     }
 
     #[test]
     fn a_trial_record_that_does_not_parse_is_an_error_and_touches_nothing() {
         let dir = tempfile::tempdir().expect("tmp");
-        let state = dir.path().join("state");
-        let local = local_config(dir.path(), &state);
-        let h = History::new(&state);
+        let state = dir.path();
+        let h = History::new(state);
         h.set_current(Some(7)).expect("current");
         std::fs::write(state.join("config").join("trial"), "{\"version\": \"x\"}").expect("write");
         let error = h.trial().expect_err("not a trial record");
         assert!(error.to_string().contains("not a trial record"), "{error}");
-        assert_eq!(roll_back_interrupted_trial(&local), None);
+        assert_eq!(roll_back_interrupted_trial(state), None);
         assert_eq!(h.current(), Some(7));
         h.end_trial().expect("end");
         assert_eq!(h.trial().expect("trial"), None);
