@@ -4,6 +4,7 @@
 use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus};
 use crate::support::broker::{subscribe, Broker, Pki, CLIENT_CN};
 use crate::support::gateway::{config, uplink_for, Gateway, Received};
+use crate::support::tls_floor;
 use floorgate::sim::bag;
 use std::process::Command;
 use std::time::Duration;
@@ -69,13 +70,7 @@ async fn sigterm_drains_and_exits_0_and_counters_continue_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_and_keeps_the_running_one_when_invalid() {
-    let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(2, 0)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
+    let (stop, tcp, devs, pki, broker) = tls_floor(2, 0).await;
     let mut sub = subscribe(&broker, "floorgate/test/gw-hup/events").await;
     let uplink = uplink_for(&pki, &broker);
     let gw = Gateway::start(|state, metrics| {

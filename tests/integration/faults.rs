@@ -7,6 +7,7 @@ use crate::support::ext4::Ext4;
 use crate::support::gateway::{config, uplink_tls, Gateway, Received};
 use crate::support::notify::NotifySocket;
 use crate::support::proxy::Proxy;
+use crate::support::tls_floor;
 use crate::support::tmpfs::Tmpfs;
 use floorgate::sim::bag;
 use std::path::Path;
@@ -895,13 +896,7 @@ async fn a_read_only_state_directory_at_start_is_refused_by_name_and_the_start_a
 ) {
     let Some(disk) = small_disk() else { return };
     disk.remount(true);
-    let stop = CancellationToken::new();
-    let (tcp, _devs) = still_floor(2, 0)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
+    let (stop, tcp, _devs, pki, broker) = tls_floor(2, 0).await;
     let mut gw = Gateway::start(|_, metrics| {
         config(
             "gw-ro",

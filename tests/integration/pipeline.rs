@@ -2,16 +2,11 @@
 
 use crate::support::broker::{subscribe, Broker, Pki, Subscriber};
 use crate::support::gateway::{config, uplink_for, Gateway, Received};
-use floorgate::sim::{bag, cabinet, Device, SimFloor};
+use floorgate::sim::{bag, cabinet, Device};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// A floor without behaviour models: registers only change when the test changes them.
-pub(crate) fn still_floor(n_bag: usize, n_cab: usize) -> SimFloor {
-    let mut f = SimFloor::new(n_bag, n_cab);
-    f.models = false;
-    f
-}
+pub(crate) use crate::support::still_floor;
 
 /// Collects events from `sub` until `done` holds for what was received (or the timeout).
 pub(crate) async fn receive_until(

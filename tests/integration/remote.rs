@@ -4,6 +4,7 @@
 use crate::pipeline::{device, expect_state, receive_until, still_floor, tcp_bus};
 use crate::support::broker::{publish, subscribe, Broker, Pki, Subscriber};
 use crate::support::gateway::{config, uplink_for, Gateway, Received};
+use crate::support::tls_floor;
 use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey};
 use std::time::Duration;
@@ -67,13 +68,7 @@ struct Signed {
 
 impl Signed {
     async fn start(gateway: &str, bags: usize, seed: u8, window: &str) -> Signed {
-        let stop = CancellationToken::new();
-        let (tcp, devs) = still_floor(bags, 0)
-            .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-            .await
-            .unwrap();
-        let pki = Pki::generate();
-        let broker = Broker::start_tls(&pki);
+        let (stop, tcp, devs, pki, broker) = tls_floor(bags, 0).await;
         let key = SigningKey::from_bytes(&[seed; 32]);
         let public = b64(key.verifying_key().as_bytes());
         let events = subscribe(&broker, &format!("floorgate/test/{gateway}/events")).await;
@@ -380,13 +375,7 @@ async fn a_gateway_killed_during_the_health_gate_rolls_back_when_it_starts_again
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_write_writable_points_once_and_refuse_the_rest() {
-    let stop = CancellationToken::new();
-    let (tcp, devs) = still_floor(1, 1)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
+    let (stop, tcp, devs, pki, broker) = tls_floor(1, 1).await;
     let mut results = subscribe(&broker, "floorgate/test/gw-cmd/cmd/result").await;
     let mut events = subscribe(&broker, "floorgate/test/gw-cmd/events").await;
     let mut gw = Gateway::start(|state, metrics| {
@@ -621,13 +610,7 @@ async fn a_group_push_reaches_every_member_and_composes_with_their_own_config() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_push_with_a_canary_against_real_gateways() {
-    let stop = CancellationToken::new();
-    let (tcp, _devs) = still_floor(2, 0)
-        .start_tcp(([127, 0, 0, 1], 0).into(), stop.clone())
-        .await
-        .unwrap();
-    let pki = Pki::generate();
-    let broker = Broker::start_tls(&pki);
+    let (stop, tcp, _devs, pki, broker) = tls_floor(2, 0).await;
     let keys = tempfile::tempdir().unwrap();
     let key_path = keys.path().join("fleet.key");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_floorgate"))
